@@ -1,0 +1,17 @@
+"""Compute kernels: backend-neutral MLX references and the fast paths checked against them."""
+
+from .gated_delta import (
+    compute_decay_beta,
+    gated_delta,
+    gated_delta_recurrent,
+    l2_normalize,
+    normalize_qk,
+)
+
+__all__ = [
+    "compute_decay_beta",
+    "gated_delta",
+    "gated_delta_recurrent",
+    "l2_normalize",
+    "normalize_qk",
+]
