@@ -1,0 +1,33 @@
+"""Shared fixtures: random tiny Qwen3-Next checkpoints built with transformers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: ``hf_checkpoint(name, seed=0, mtp=False, dtype="float32", **config)``
+    -> ``(folder, torch_model, torch_mtp_or_None)``; cached per argument set."""
+    pytest.importorskip("torch")
+    import make_tiny_checkpoint as mtc
+
+    made = {}
+
+    def make(name, seed=0, mtp=False, dtype="float32", **overrides):
+        key = (name, seed, mtp, dtype, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(name)
+            model, head = mtc.build(mtc.tiny_config(**overrides), seed=seed, mtp=mtp)
+            mtc.save(model, head, out, dtype=dtype)
+            model.float()
+            made[key] = (out, model, head)
+        return made[key]
+
+    return make
