@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .gated_delta import compute_decay_beta, gated_delta_recurrent, normalize_qk
+from .gated_delta import compute_decay_beta, gated_delta, gated_delta_recurrent, normalize_qk
 
 __all__ = [
     "MAX_DECODE_T",
@@ -82,7 +82,8 @@ def gated_delta_decode_reference(
     head_v_dim: int,
     return_all_states: bool = False,
 ):
-    """The GatedDeltaNet maths of ``qnext_mlx.models.qwen3_next`` in MLX ops (the fallback path).
+    """The Gated DeltaNet token mixing in MLX ops: the path off Metal, the fallback, and the
+    reference the kernels are verified against; any ``T``.
 
     Same arguments and results as :func:`gated_delta_decode`.
     """
@@ -98,8 +99,11 @@ def gated_delta_decode_reference(
     q, k, v = mx.split(conv_out, [Hk * Dk, 2 * Hk * Dk], axis=-1)
     q, k = normalize_qk(q.reshape(B, T, Hk, Dk), k.reshape(B, T, Hk, Dk))
     g, beta = compute_decay_beta(a, b, A_log, dt_bias)
-    out = gated_delta_recurrent(q, k, v.reshape(B, T, Hv, Dv), g, beta, state,
-                                return_all_states=return_all_states)
+    v = v.reshape(B, T, Hv, Dv)
+    if return_all_states:
+        out = gated_delta_recurrent(q, k, v, g, beta, state, return_all_states=True)
+    else:  # the dispatcher takes the chunked form for prefill-length runs
+        out = gated_delta(q, k, v, g, beta, state)
     y = out[0].astype(mixed_qkv.dtype)
     if return_all_states:
         return y, new_conv_state, out[1], out[2]
@@ -224,7 +228,11 @@ def gated_delta_decode(
     return_all_states: bool = False,
     kernel_factory: Optional[KernelFactory] = None,
 ):
-    """Gated DeltaNet token mixing for a few tokens: conv, SiLU, norms, gates and the delta rule.
+    """Gated DeltaNet token mixing: conv, SiLU, norms, gates and the delta rule.
+
+    Runs of up to ``MAX_DECODE_T`` tokens use the fused Metal kernel where it is
+    available and verified; everything else (and every other backend) takes
+    :func:`gated_delta_decode_reference`, whose delta rule is chunked for long runs.
 
     Args:
         mixed_qkv: ``[B, T, CD]`` the projected q|k|v before the conv, channels
