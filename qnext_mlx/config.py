@@ -212,6 +212,23 @@ class ModelConfig:
             and (layer_idx + 1) % self.decoder_sparse_step == 0
         )
 
+    def with_rope_scaling(self, scaling: Optional[Dict[str, Any]]) -> "ModelConfig":
+        """A copy whose RoPE scaling is ``scaling`` (None: plain RoPE), e.g. from the command line.
+
+        ``scaling`` is a ``rope_scaling`` block such as ``{"rope_type": "yarn",
+        "factor": 4.0, "original_max_position_embeddings": 262144}``; it is
+        validated like config.json and replaces any scaling the checkpoint had
+        (``to_dict`` writes it back as ``rope_parameters``).
+        """
+        block = dict(scaling or {"rope_type": "default"})
+        block.update(rope_theta=self.rope_theta, partial_rotary_factor=self.partial_rotary_factor)
+        theta, partial, parsed = _parse_rope({"rope_parameters": block})
+        raw = {k: v for k, v in self.raw.items()
+               if k not in ("rope_scaling", "rope_parameters", "rope_theta", "partial_rotary_factor")}
+        raw["rope_parameters"] = dict(parsed or {"rope_type": "default"}, rope_theta=theta,
+                                      partial_rotary_factor=partial)
+        return dataclasses.replace(self, rope_scaling=parsed, raw=raw)
+
     def to_dict(self) -> Dict[str, Any]:
         """The config as written back to ``config.json`` (original keys kept)."""
         out = dict(self.raw)

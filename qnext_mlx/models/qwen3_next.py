@@ -13,11 +13,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import ArraysCache
-from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import ModelConfig
-from ..kernels import compute_decay_beta, gated_delta, normalize_qk
+from ..kernels.metal import gated_delta_decode
+from ..rope import build_rope
 
 
 class GatedRMSNorm(nn.Module):
@@ -86,14 +86,9 @@ class Attention(nn.Module):
 
 
 def make_rope(cfg: ModelConfig) -> nn.Module:
-    """RoPE over the first ``cfg.rotary_dim`` dims of each head (half-split, not interleaved)."""
-    return initialize_rope(
-        cfg.rotary_dim,
-        base=cfg.rope_theta,
-        traditional=False,
-        scaling_config=cfg.rope_scaling,
-        max_position_embeddings=cfg.max_position_embeddings,
-    )
+    """RoPE over the first ``cfg.rotary_dim`` dims of each head (half-split, not interleaved),
+    with linear or YaRN scaling computed as transformers does (see :mod:`qnext_mlx.rope`)."""
+    return build_rope(cfg)
 
 
 class GatedDeltaNet(nn.Module):
@@ -146,25 +141,17 @@ class GatedDeltaNet(nn.Module):
         """x: ``[B, L, hidden]`` -> ``[B, L, hidden]``; updates ``cache`` in place."""
         B, L, _ = x.shape
         q, k, v, z, b, a = self._split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
-        mixed = mx.concatenate([q, k, v], axis=-1)
-        n_keep = self.conv_kernel_size - 1
-        conv_state = cache[0] if cache is not None and cache[0] is not None else None
-        if conv_state is None:
-            conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=mixed.dtype)
-        conv_in = mx.concatenate([conv_state.astype(mixed.dtype), mixed], axis=1)
-        if cache is not None:
-            cache[0] = conv_in[:, -n_keep:, :]
-        conv_out = nn.silu(self.conv1d(conv_in))
-        q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], axis=-1)
-        q = q.reshape(B, L, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(B, L, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(B, L, self.num_v_heads, self.head_v_dim)
-        q, k = normalize_qk(q, k)
-        g, beta = compute_decay_beta(a, b, self.A_log, self.dt_bias)
+        conv_state = cache[0] if cache is not None else None
         state = cache[1] if cache is not None else None
-        y, state = gated_delta(q, k, v, g, beta, state)
+        # conv + SiLU + q/k norms + gates + delta rule: the fused Metal kernel for
+        # short runs where verified, else the MLX path (chunked for prefill).
+        y, conv_state, state = gated_delta_decode(
+            mx.concatenate([q, k, v], axis=-1), self.conv1d.weight, conv_state, a, b,
+            self.A_log, self.dt_bias, state,
+            num_k_heads=self.num_k_heads, head_k_dim=self.head_k_dim, head_v_dim=self.head_v_dim,
+        )
         if cache is not None:
-            cache[1] = state
+            cache[0], cache[1] = conv_state, state
         y = self.norm(y.astype(x.dtype), z)
         return self.out_proj(y.reshape(B, L, -1))
 
@@ -316,6 +303,8 @@ class Model(nn.Module):
         """inputs: ``[B, L]`` ids. Returns logits ``[B, L, vocab]``, and the final
         normed hidden states ``[B, L, hidden]`` too when ``return_hidden``."""
         h = self.model(inputs, cache)
+        if hasattr(cache, "record_tokens"):  # ModelCache tracks ids/offset (DeltaNet has no offset)
+            cache.record_tokens(inputs)
         logits = self.lm_logits(h)
         return (logits, h) if return_hidden else logits
 
