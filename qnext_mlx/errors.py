@@ -21,3 +21,11 @@ class CheckpointError(QnextError):
 
 class ModelNotFoundError(QnextError):
     """A model path or repo id could not be resolved to a local folder."""
+
+
+class ConversionError(QnextError):
+    """A conversion cannot write or publish its output (folder exists, disk full, upload failed)."""
+
+
+class CacheError(QnextError):
+    """A saved prompt cache is missing, damaged, or was made by another model."""

@@ -143,6 +143,27 @@ def _infer_mtp_layers(weights: Iterable[str]) -> int:
     return max(idx) + 1 if idx else (1 if any(k.startswith("mtp.") for k in weights) else 0)
 
 
+def open_checkpoint(model_path: Path, mtp: bool = True) -> Tuple[ModelConfig, Model, Dict[str, mx.array]]:
+    """Read a local model folder without loading any tensor data.
+
+    Returns ``(config, model, weights)``: the parsed config, a freshly built
+    :class:`Model` (random, unevaluated parameters; not quantized yet) and every
+    checkpoint tensor as a lazy array already mapped onto the model's layout by
+    :meth:`Model.sanitize`. ``mtp=False`` builds the model without its MTP head
+    and leaves the ``mtp.*`` tensors out. Shared by :func:`load_model` and the
+    streaming converter, which evaluates the lazy tensors a few at a time.
+    """
+    config = ModelConfig.from_file(model_path)
+    weights = load_weights_lazy(model_path)
+    if not mtp:
+        config.num_mtp_layers = 0
+    elif config.num_mtp_layers is None or not any(k.startswith("mtp.") for k in weights):
+        # mlx-lm conversions keep num_nextn_predict_layers in config.json but drop mtp.* tensors
+        config.num_mtp_layers = _infer_mtp_layers(weights)
+    model = Model(config)
+    return config, model, model.sanitize(weights)
+
+
 def _quantize(model: Model, config: ModelConfig, weights: Dict[str, mx.array]) -> None:
     """Turn layers into quantized ones where the checkpoint holds quantized tensors."""
     q = config.quantization
@@ -205,13 +226,7 @@ def load_model(
         gives logits ``[B, L, vocab]``.
     """
     model_path = resolve_model_path(path)
-    config = ModelConfig.from_file(model_path)
-    weights = load_weights_lazy(model_path)
-    if config.num_mtp_layers is None or not any(k.startswith("mtp.") for k in weights):
-        # mlx-lm conversions keep num_nextn_predict_layers in config.json but drop mtp.* tensors
-        config.num_mtp_layers = _infer_mtp_layers(weights)
-    model = Model(config)
-    weights = model.sanitize(weights)
+    config, model, weights = open_checkpoint(model_path)
     if config.quantization is not None:
         _quantize(model, config, weights)
     check_weights(model, weights)

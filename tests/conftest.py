@@ -31,3 +31,15 @@ def hf_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(hf_checkpoint):
+    """A tiny random checkpoint (3 DeltaNet layers + 1 attention layer, MTP head)
+    with a byte-level ChatML tokenizer next to it: loadable with ``qnext_mlx.load``."""
+    from tokenizer_fixture import write_tokenizer
+
+    folder, _, _ = hf_checkpoint("chat", seed=3, mtp=True, vocab_size=320)
+    if not (folder / "tokenizer.json").exists():
+        write_tokenizer(folder, vocab_size=320)
+    return folder
