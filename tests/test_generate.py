@@ -1,0 +1,366 @@
+"""Generation engine and CLI on a tiny random model with a ChatML tokenizer.
+
+Random weights give gibberish, but deterministic greedy output, which is what is checked.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+import qnext_mlx
+from qnext_mlx import generate as gen
+from qnext_mlx.generate import (
+    ThinkFilter,
+    format_prompt,
+    generate_tokens,
+    make_logits_processors,
+    stream_generate,
+)
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def loaded(chat_model_dir):
+    return qnext_mlx.load(chat_model_dir)
+
+
+@pytest.fixture
+def model(loaded):
+    return loaded[0]
+
+
+@pytest.fixture
+def tokenizer(loaded):
+    return loaded[1]
+
+
+class Counting:
+    """Model proxy recording the length of every call (and optionally interrupting one)."""
+
+    def __init__(self, model, interrupt_at=None):
+        self._model, self.calls, self._interrupt_at = model, [], interrupt_at
+
+    def __call__(self, ids, cache=None, **kw):
+        if self._interrupt_at is not None and len(self.calls) == self._interrupt_at:
+            raise KeyboardInterrupt
+        self.calls.append(ids.shape[1])
+        return self._model(ids, cache=cache, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def greedy_reference(model, ids, n):
+    """n greedy tokens by full forwards (no cache)."""
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        t = int(mx.argmax(model(mx.array([ids]))[0, -1]).item())
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+def prompt_ids(tokenizer, text="Why is the sky blue?"):
+    return tokenizer.encode(format_prompt(tokenizer, text), add_special_tokens=False)
+
+
+def test_greedy_tokens_match_full_forward_reference(model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    cache = model.make_cache()
+    tokens = [t for t, _ in generate_tokens(model, cache, ids, max_tokens=10, prefill_step_size=7)]
+    assert tokens == greedy_reference(model, ids, 10)
+    # the cache holds the prompt and every token handed out
+    assert cache.tokens == ids + tokens
+
+
+def test_chunked_prefill_gives_same_greedy_output(model, tokenizer):
+    ids = prompt_ids(tokenizer, "Counting numbers, adding them, and writing the answer in a box.")
+    one = gen.generate(model, tokenizer, ids, temp=0, max_tokens=12, prefill_step_size=4096)
+    chunked = gen.generate(model, tokenizer, ids, temp=0, max_tokens=12, prefill_step_size=5)
+    assert one == chunked
+
+
+def test_stream_generate_text_stats_and_length(model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    responses = list(stream_generate(model, tokenizer, ids, temp=0, max_tokens=15))
+    last = responses[-1]
+    tokens = [r.token for r in responses]
+    eos = set(tokenizer.eos_token_ids)
+    if last.finish_reason == "length":
+        assert len(responses) == 15 and not eos & set(tokens)
+    assert last.finish_reason in ("length", "stop")
+    assert [r.finish_reason for r in responses[:-1]] == [None] * (len(responses) - 1)
+    text = "".join(r.text for r in responses)
+    assert text == tokenizer.decode([t for t in tokens if t not in eos])
+    assert last.prompt_tokens == len(ids) and last.generation_tokens == len(responses)
+    assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
+
+
+def test_eos_tokens_stop_generation(loaded, tokenizer):
+    model = loaded[0]
+    ids = prompt_ids(tokenizer)
+    free = [t for t, _ in generate_tokens(model, model.make_cache(), ids, max_tokens=8)]
+    stop_token = free[4]
+    first = free.index(stop_token)  # the first occurrence stops it
+    wrapped = TokenizerWrapper(tokenizer._tokenizer, eos_token_ids=[stop_token])
+    responses = list(stream_generate(model, wrapped, ids, temp=0, max_tokens=8))
+    assert responses[-1].finish_reason == "stop" and responses[-1].token == stop_token
+    assert len(responses) == first + 1
+    assert "".join(r.text for r in responses) == wrapped.decode(free[:first])
+
+
+def test_stop_strings(model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    full = gen.generate(model, tokenizer, ids, temp=0, max_tokens=20)
+    visible = [i for i, ch in enumerate(full) if ch.isprintable() and not ch.isspace()]
+    cut = visible[len(visible) // 2]
+    stop = full[cut : cut + 2]
+    text = gen.generate(model, tokenizer, ids, temp=0, max_tokens=20, stop_strings=[stop])
+    assert text == full[: full.find(stop)]
+
+
+def test_prompt_reuse_processes_only_new_tokens(model, tokenizer):
+    counting = Counting(model)
+    cache = model.make_cache()
+    first = prompt_ids(tokenizer)
+    r1 = list(stream_generate(counting, tokenizer, first, temp=0, max_tokens=6, prompt_cache=cache))
+    assert sum(counting.calls) == len(first) + 6 and r1[-1].cached_tokens == 0
+    # next chat turn: the new prompt extends everything the cache holds
+    follow = tokenizer.encode("<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n<|im_start|>assistant\n",
+                              add_special_tokens=False)
+    second = cache.tokens + follow
+    counting.calls.clear()
+    r2 = list(stream_generate(counting, tokenizer, second, temp=0, max_tokens=6, prompt_cache=cache))
+    assert r2[-1].cached_tokens == len(second) - len(follow)
+    assert sum(counting.calls) == len(follow) + 6
+    fresh = list(stream_generate(model, tokenizer, second, temp=0, max_tokens=6))
+    assert [r.token for r in r2] == [r.token for r in fresh]
+    # the same prompt again (regenerate): the checkpoint before its last token is reused
+    counting.calls.clear()
+    r3 = list(stream_generate(counting, tokenizer, second, temp=0, max_tokens=6, prompt_cache=cache))
+    assert r3[-1].cached_tokens == len(second) - 1 and sum(counting.calls) == 1 + 6
+    assert [r.token for r in r3] == [r.token for r in r2]
+
+
+def test_interrupted_prefill_leaves_cache_consistent(model, tokenizer):
+    ids = prompt_ids(tokenizer, "The quick brown fox jumps over the lazy dog. " * 3)
+    cache = model.make_cache()
+    with pytest.raises(KeyboardInterrupt):
+        list(stream_generate(Counting(model, interrupt_at=2), tokenizer, ids, temp=0, max_tokens=5,
+                             prompt_cache=cache, prefill_step_size=8))
+    assert cache.offset == 16 and cache.tokens == ids[:16]
+    resumed = list(stream_generate(model, tokenizer, ids, temp=0, max_tokens=5, prompt_cache=cache))
+    assert resumed[-1].cached_tokens == 16
+    fresh = list(stream_generate(model, tokenizer, ids, temp=0, max_tokens=5))
+    assert [r.token for r in resumed] == [r.token for r in fresh]
+
+
+def test_interrupt_inside_the_model_restores_the_cache(model, tokenizer, monkeypatch):
+    """Ctrl-C while the graph is half built (DeltaNet layers already updated)."""
+    from qnext_mlx.models import qwen3_next
+
+    ids = prompt_ids(tokenizer)
+    cache = model.make_cache()
+    gen.prefill(model, cache, ids[:10])
+    before = cache.snapshot()
+    original = qwen3_next.Attention.__call__
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwen3_next.Attention, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gen.prefill(model, cache, ids[10:])
+    monkeypatch.setattr(qwen3_next.Attention, "__call__", original)
+    assert cache.offset == 10 and cache.tokens == ids[:10]
+    assert all(a is b for a, b in zip(cache[0].cache, before.layers[0][1]))
+
+
+def test_prefill_progress_bar_on_stderr(model, capsys):
+    cache = model.make_cache()
+    gen.prefill(model, cache, list(range(40)), step_size=16, progress=True)
+    assert "Prefill" in capsys.readouterr().err
+    gen.prefill(model, cache, list(range(40)), step_size=16)  # short prompt: no bar by default
+    assert capsys.readouterr().err == ""
+
+
+def test_sampling_seed_and_penalties(model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    a = gen.generate(model, tokenizer, ids, max_tokens=12, seed=7)
+    b = gen.generate(model, tokenizer, ids, max_tokens=12, seed=7)
+    assert a == b
+    greedy = [r.token for r in stream_generate(model, tokenizer, ids, temp=0, max_tokens=12)]
+    penalised = [r.token for r in stream_generate(model, tokenizer, ids, temp=0, max_tokens=12,
+                                                  presence_penalty=2.0, repetition_penalty=1.5)]
+    assert len(penalised) >= 1 and penalised != greedy or len(set(greedy)) == len(greedy)
+    with pytest.raises(ValueError, match="top_p"):
+        next(stream_generate(model, tokenizer, ids, top_p=0))
+
+
+def test_presence_penalty_counts_generated_tokens_only():
+    (presence,) = make_logits_processors(prompt_len=2, presence_penalty=1.0)
+    logits = presence(mx.array([1, 2, 3, 3]), mx.zeros((1, 5)))
+    assert logits[0].tolist() == [0, 0, 0, -1, 0]
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_think_filter_handles_tags_split_anywhere(inside):
+    text = ("<think>\nreasoning <b> here</think>\n\nThe answer <think>more</think> is 42. </thi"
+            if not inside else "reasoning </think>\n\nThe answer is 42. <thin")
+    expected = "The answer is 42. </thi" if not inside else "The answer is 42. <thin"
+    for a in range(len(text)):
+        for b in range(a, len(text)):
+            f = ThinkFilter(inside=inside)
+            out = f.feed(text[:a]) + f.feed(text[a:b]) + f.feed(text[b:]) + f.flush()
+            assert out == expected, (a, b)
+    assert gen.prompt_opens_think("<|im_start|>assistant\n<think>\n")
+    assert not gen.prompt_opens_think("<think>x</think>")
+
+
+# ---------------------------------------------------------------------- CLI
+def run_cli(capsys, *argv):
+    code = gen.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_greedy_is_deterministic(chat_model_dir, capsys):
+    args = ["--model", str(chat_model_dir), "--prompt", "Hello", "--temp", "0", "--max-tokens", "12"]
+    code1, out1, err1 = run_cli(capsys, *args)
+    code2, out2, _ = run_cli(capsys, *args)
+    assert code1 == code2 == 0 and out1 == out2 and out1.strip()
+    assert "Prompt:" in err1 and "Generation:" in err1 and "Peak memory:" in err1
+
+
+def test_cli_stdin_system_and_raw_prompt(chat_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello"))
+    code, out, err = run_cli(capsys, "--model", str(chat_model_dir), "--prompt", "-", "--temp", "0",
+                             "--max-tokens", "12", "--system", "Be brief.", "--verbose")
+    assert code == 0 and "<|im_start|>system\nBe brief.<|im_end|>" in err
+    code2, out2, _ = run_cli(capsys, "--model", str(chat_model_dir), "--prompt", "Hello", "--temp", "0",
+                             "--max-tokens", "12", "--system", "Be brief.")
+    assert out2 == out
+    code3, _, err3 = run_cli(capsys, "--model", str(chat_model_dir), "--prompt", "Hello", "--temp", "0",
+                             "--max-tokens", "4", "--no-chat-template", "--verbose")
+    assert code3 == 0 and "<|im_start|>" not in err3
+
+
+def test_cli_prompt_cache_roundtrip(chat_model_dir, tmp_path, capsys):
+    file = tmp_path / "chat.safetensors"
+    args = ["--model", str(chat_model_dir), "--prompt", "Hello", "--temp", "0", "--max-tokens", "8",
+            "--prompt-cache", str(file)]
+    code1, out1, _ = run_cli(capsys, *args)
+    assert code1 == 0 and file.exists()
+    code2, out2, err2 = run_cli(capsys, *args)
+    assert code2 == 0 and out2 == out1 and "cached" in err2
+
+
+def test_cli_ctrl_c_during_prefill_exits_cleanly_and_keeps_the_work(chat_model_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    from qnext_mlx.models import qwen3_next
+
+    original, calls = qwen3_next.Attention.__call__, []
+
+    def interrupt_second_chunk(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    file = tmp_path / "c.safetensors"
+    args = ["--model", str(chat_model_dir), "--prompt", "The quick brown fox jumps over the lazy dog",
+            "--temp", "0", "--max-tokens", "5", "--prefill-step-size", "8", "--prompt-cache", str(file)]
+    monkeypatch.setattr(qwen3_next.Attention, "__call__", interrupt_second_chunk)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"interrupted; {file} holds the 8 tokens processed"
+    monkeypatch.setattr(qwen3_next.Attention, "__call__", original)
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "(8 cached)" in err
+
+
+def test_cli_prompt_cache_reuses_the_system_prompt(chat_model_dir, tmp_path, capsys):
+    file = tmp_path / "chat.safetensors"
+    base = ["--model", str(chat_model_dir), "--temp", "0", "--max-tokens", "8",
+            "--system", "You answer questions about the sky and its colours."]
+    assert run_cli(capsys, *base, "--prompt", "Why is the sky blue?", "--prompt-cache", str(file))[0] == 0
+    code, out, err = run_cli(capsys, *base, "--prompt", "And at sunset?", "--prompt-cache", str(file))
+    assert code == 0 and "cached)" in err
+    assert out == run_cli(capsys, *base, "--prompt", "And at sunset?")[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temp", "-1"], "--temp: must be >= 0"),
+    (["--top-p", "0"], "--top-p: must be > 0"),
+    (["--top-p", "1.5"], "--top-p: must be > 0 and <= 1"),
+    (["--max-tokens", "0"], "--max-tokens: must be >= 1"),
+    (["--top-k", "x"], "--top-k: expected an integer"),
+    (["--kv-bits", "3"], "--kv-bits: invalid choice"),
+    (["--presence-penalty", "5"], "--presence-penalty: must be >= -2 and <= 2"),
+    (["--min-p", "nan"], "--min-p: must be"),
+    (["--seed", "-1"], "--seed: must be >= 0"),
+])
+def test_cli_bad_flag_values_give_one_line_errors(chat_model_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--model", str(chat_model_dir), "--prompt", "hi", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_user_errors_give_one_line(chat_model_dir, hf_checkpoint, tmp_path, capsys, monkeypatch):
+    # a cache file made by another model (same config, other weights; it has no tokenizer)
+    other_dir = hf_checkpoint("cache_other_weights", seed=9, mtp=True, vocab_size=320)[0]
+    other = qnext_mlx.load_model(other_dir)
+    cache = other.make_cache()
+    other(mx.array([[1, 2, 3]]), cache=cache)
+    cache.save(tmp_path / "other.safetensors")
+    capsys.readouterr()
+    missing = run_cli(capsys, "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    foreign = run_cli(capsys, "--model", str(chat_model_dir), "--prompt", "hi",
+                      "--prompt-cache", str(tmp_path / "other.safetensors"))
+    kv = run_cli(capsys, "--model", str(chat_model_dir), "--prompt", "hi", "--kv-bits", "4")
+    monkeypatch.setattr(gen, "DEMO_MODEL_DIR", tmp_path / "no_demo")
+    no_demo = run_cli(capsys, "--prompt", "hi")
+    no_tokenizer = run_cli(capsys, "--model", str(other_dir), "--prompt", "hi")
+    for (code, out, err), message in [
+        (missing, "does not exist"),
+        (foreign, "other weights"),
+        (kv, "does not divide the head dim"),
+        (no_demo, "--model"),
+        (no_tokenizer, "has no tokenizer files"),
+    ]:
+        assert code == 2 and out == "" and err.startswith("error: ") and message in err, err
+        assert err.count("\n") == 1, err
+
+
+def test_cli_offline_repo_id_in_a_real_process(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    p = subprocess.run([sys.executable, "-m", "qnext_mlx.generate", "--model", "no-such-org/no-such-model",
+                        "--prompt", "hi"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("error: could not get no-such-org/no-such-model") and p.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not (gen.DEMO_MODEL_DIR / "config.json").exists(), reason="demo model not built yet")
+def test_cli_demo_model_end_to_end():
+    cmd = [sys.executable, "-m", "qnext_mlx.generate", "--prompt", "Hello!", "--temp", "0", "--max-tokens", "20"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    runs = [subprocess.run(cmd + extra, capture_output=True, text=True, env=env, timeout=300)
+            for extra in ([], [], ["--hide-thinking"])]
+    for p in runs:
+        assert p.returncode == 0, p.stderr
+        assert "demo model" in p.stderr and "--model" in p.stderr and "Generation:" in p.stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+    f = ThinkFilter()
+    assert runs[2].stdout == f.feed(runs[0].stdout) + f.flush()
