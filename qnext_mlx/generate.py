@@ -35,6 +35,7 @@ from mlx_lm.sample_utils import make_presence_penalty, make_repetition_penalty, 
 from .cache import ModelCache
 from .errors import ModelNotFoundError, QnextError
 from .loading import load, resolve_model_path
+from .rope import add_rope_arguments, apply_rope_arguments
 
 # mlx-lm's generate module (the package re-exports a function under the same name)
 _mlx_generate = importlib.import_module("mlx_lm.generate")
@@ -529,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--hide-thinking", action="store_true", help="do not print <think>...</think> spans")
     p.add_argument("--verbose", action="store_true", help="also print model, prompt and cache details to stderr")
+    add_rope_arguments(p)
     return p
 
 
@@ -586,6 +588,7 @@ def _run(args) -> int:
             f"{model_path} has no tokenizer files (tokenizer.json, ...); add the model's tokenizer files"
         )
     model, tokenizer = load(model_path)
+    apply_rope_arguments(args, model)  # before the cache: its fingerprint includes the RoPE scaling
     text = format_prompt(tokenizer, prompt, args.system, chat_template=not args.no_chat_template)
     ids = _encode(tokenizer, text)
     cache = _open_cache(args, model)

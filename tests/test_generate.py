@@ -364,3 +364,15 @@ def test_cli_demo_model_end_to_end():
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
     f = ThinkFilter()
     assert runs[2].stdout == f.feed(runs[0].stdout) + f.flush()
+
+
+def test_cli_max_context_turns_on_yarn(chat_model_dir, capsys):
+    """--max-context beyond the native window picks a YaRN factor and says which."""
+    base = ["--model", str(chat_model_dir), "--prompt", "Hello", "--temp", "0", "--max-tokens", "8"]
+    code, _, err = run_cli(capsys, *base, "--max-context", "8192")  # tiny model: native 2048
+    assert code == 0
+    assert "yarn" in err.lower() and "factor 4" in err
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, *base, "--rope-factor", "0.5", "--rope-scaling", "yarn")
+    err_bad = capsys.readouterr().err
+    assert e.value.code == 2 and err_bad.startswith("error:") and "--rope-factor" in err_bad
