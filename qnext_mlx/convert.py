@@ -46,6 +46,7 @@ from . import __version__
 from .errors import CheckpointError, ConfigError, ConversionError, QnextError
 from .loading import MODEL_FILE_PATTERNS, check_weights, open_checkpoint, resolve_model_path
 from .quant_recipes import GROUP_SIZES, QUANT_BITS, RECIPES, make_recipe
+from .models.qwen3_next import SHIFTED_NORMS
 
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -161,8 +162,8 @@ def plan_conversion(
     for name in sorted(weights, key=_order_key):
         arr = weights.pop(name)
         num_params += arr.size
-        if dtype is not None and mx.issubdtype(arr.dtype, mx.floating):
-            arr = arr.astype(dtype)
+        if dtype is not None and mx.issubdtype(arr.dtype, mx.floating) and not name.endswith(SHIFTED_NORMS):
+            arr = arr.astype(dtype)  # shifted norm weights stay float32 (see models.qwen3_next.RMSNorm)
         path, _, leaf = name.rpartition(".")
         if leaf == "weight" and path in decisions:
             q = decisions[path]

@@ -19,7 +19,9 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import CheckpointError, ModelNotFoundError
+from .kernels.linear import use_fast_linears
 from .models import Model
+from .models.qwen3_next import SHIFTED_NORMS
 
 # safetensors dtype name -> bytes per element
 _ST_DTYPE_SIZE = {
@@ -230,10 +232,13 @@ def load_model(
     if config.quantization is not None:
         _quantize(model, config, weights)
     check_weights(model, weights)
-    if dtype is not None:  # packed quantized weights are integers and stay as they are
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    # packed quantized weights are integers; shifted norm weights stay float32 (see RMSNorm)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(SHIFTED_NORMS)
+                   else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     _fit_experts_to_backend(model)
+    use_fast_linears(model)  # prefill-sized matmuls as plain GEMMs on the CPU (kernels/linear.py)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

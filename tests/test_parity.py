@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -153,3 +155,20 @@ def test_loads_mlx_lm_converted_checkpoints(hf_checkpoint, tmp_path):
     ours = model(mx.array(ids))
     # same quantized weights and the same maths as mlx-lm
     assert max_abs(ours, theirs(mx.array(ids))) <= 1e-3
+
+
+DEMO = Path(qnext_mlx.__file__).parent / "demo_model"
+
+
+@pytest.mark.skipif(not (DEMO / "model.safetensors").exists(), reason="demo model not built")
+def test_trained_bf16_demo_model_matches_transformers():
+    """A trained bf16 checkpoint: the zero-centred norms' +1 must not be rounded to bf16
+    (mlx-lm's way moves these logits by up to 0.4)."""
+    from transformers import AutoTokenizer, Qwen3NextForCausalLM
+
+    text = ("In the beginning God created the heaven and the earth. And the earth was without form, "
+            "and void; and darkness was upon the face of the deep.")
+    ids = AutoTokenizer.from_pretrained(DEMO).encode(text)
+    tmodel = Qwen3NextForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+    ours = qnext_mlx.load_model(DEMO, dtype=mx.float32)
+    assert max_abs(ours(mx.array([ids])), torch_logits(tmodel, np.array([ids]))) <= TOL

@@ -17,7 +17,20 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import ModelConfig
 from ..kernels.metal import gated_delta_decode
+from ..kernels.moe import grouped_switch_glu, use_grouped_experts
 from ..rope import build_rope
+
+
+class RMSNorm(nn.RMSNorm):
+    """Qwen3-Next's zero-centred RMSNorm, with the weight stored as ``1 + w``.
+
+    Checkpoints in Hugging Face layout get the +1 in float32 (:meth:`Model.sanitize`):
+    in bf16 it would round ``1 + w`` to 8 bits. Like transformers, the product is
+    formed in float32 and cast back to the input dtype.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps).astype(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -62,8 +75,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.rope = make_rope(cfg)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
@@ -143,15 +156,25 @@ class GatedDeltaNet(nn.Module):
         q, k, v, z, b, a = self._split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
         conv_state = cache[0] if cache is not None else None
         state = cache[1] if cache is not None else None
+        mixed = mx.concatenate([q, k, v], axis=-1)
+        # Speculative verification (qnext_mlx.speculative) sets ``capture_steps`` on the
+        # cache: keep every token's state so a rejected draft can be rolled back.
+        capture = cache is not None and getattr(cache, "capture_steps", False)
         # conv + SiLU + q/k norms + gates + delta rule: the fused Metal kernel for
         # short runs where verified, else the MLX path (chunked for prefill).
-        y, conv_state, state = gated_delta_decode(
-            mx.concatenate([q, k, v], axis=-1), self.conv1d.weight, conv_state, a, b,
+        y, new_conv_state, new_state, *states = gated_delta_decode(
+            mixed, self.conv1d.weight, conv_state, a, b,
             self.A_log, self.dt_bias, state,
             num_k_heads=self.num_k_heads, head_k_dim=self.head_k_dim, head_v_dim=self.head_v_dim,
+            return_all_states=capture,
         )
         if cache is not None:
-            cache[0], cache[1] = conv_state, state
+            if capture:
+                # conv state after token t = rows t+1 .. t+K-1 of [old conv state; inputs]
+                if conv_state is None:
+                    conv_state = mx.zeros((B, self.conv_kernel_size - 1, mixed.shape[-1]), dtype=mixed.dtype)
+                cache.steps = (mx.concatenate([conv_state.astype(mixed.dtype), mixed], axis=1), states[0])
+            cache[0], cache[1] = new_conv_state, new_state
         y = self.norm(y.astype(x.dtype), z)
         return self.out_proj(y.reshape(B, L, -1))
 
@@ -180,7 +203,11 @@ class SparseMoeBlock(nn.Module):
         # weights in float32 on that backend and the input follows them.
         expert_dtype = getattr(self.switch_mlp.up_proj, "weight").dtype
         xe = x if "scales" in self.switch_mlp.up_proj else x.astype(expert_dtype)
-        y = self.switch_mlp(xe, inds)
+        if use_grouped_experts(inds.size, self.gate.weight.shape[0]):
+            # Prefill on the CPU: tokens grouped by expert, plain GEMMs (kernels/moe.py).
+            y = grouped_switch_glu(self.switch_mlp, xe, inds)
+        else:
+            y = self.switch_mlp(xe, inds)
         y = (y * scores[..., None].astype(y.dtype)).sum(axis=-2).astype(x.dtype)
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y + shared
@@ -197,8 +224,8 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = Attention(cfg)
         self.mlp = SparseMoeBlock(cfg) if is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         mixer = self.linear_attn if self.is_linear else self.self_attn
@@ -215,7 +242,7 @@ class Qwen3NextModel(nn.Module):
         self.layers = [
             DecoderLayer(cfg, cfg.is_linear(i), cfg.is_moe(i)) for i in range(cfg.num_hidden_layers)
         ]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self._first_attn = next((i for i, t in enumerate(cfg.layer_types) if t != "linear_attention"), None)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
@@ -242,12 +269,12 @@ class MultiTokenPredictor(nn.Module):
     def __init__(self, cfg: ModelConfig, num_layers: int):
         super().__init__()
         self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.pre_fc_norm_embedding = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.pre_fc_norm_hidden = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.pre_fc_norm_embedding = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.layers = [
             DecoderLayer(cfg, is_linear=False, is_moe=cfg.num_experts > 0) for _ in range(num_layers)
         ]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, hidden: mx.array, next_embeds: mx.array, cache=None) -> mx.array:
         """hidden, next_embeds: ``[B, L, hidden]`` -> normed MTP hidden states ``[B, L, hidden]``.
@@ -266,7 +293,7 @@ class MultiTokenPredictor(nn.Module):
         return self.norm(x)
 
 
-_SHIFTED_NORMS = (
+SHIFTED_NORMS = (
     "input_layernorm.weight",
     "post_attention_layernorm.weight",
     "q_norm.weight",
@@ -386,8 +413,8 @@ class Model(nn.Module):
         for k, v in list(weights.items()):
             if k.endswith("conv1d.weight") and v.ndim == 3 and v.shape[-1] != 1:
                 weights[k] = v.moveaxis(2, 1)
-            elif k.endswith(_SHIFTED_NORMS) and v.ndim == 1:
-                weights[k] = v + 1.0
+            elif k.endswith(SHIFTED_NORMS) and v.ndim == 1:
+                weights[k] = v.astype(mx.float32) + 1.0  # float32: see RMSNorm
         return weights
 
     @property

@@ -1,0 +1,577 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark: qnext_mlx against mlx-lm's ``qwen3_next`` on identical weights.
+
+    python scripts/bench.py                      # full run: prefill 512/2K/8K, decode
+    python scripts/bench.py --quick --json OUT   # smoke run, under 5 minutes on 2 cores
+
+One random MLX-layout checkpoint (4-bit affine, group 64; router and
+shared-expert gates at 8 bits, as mlx-lm's ``quant_predicate`` does) is written
+once and loaded by both engines: ``qnext_mlx.load_model`` and
+``mlx_lm.utils.load_model``. Before any timing the two engines' logits on the
+same prompt are compared (``max_logit_diff`` in the output) and greedy decoding
+is checked to pick the same tokens.
+
+Measured, per engine, on MLX's default device (the CPU backend on Linux):
+
+- prefill tok/s at each length: a fresh cache, the prompt fed in steps of
+  2048 tokens as ``mlx_lm.generate`` does (``prefill_step_size``), the caches
+  evaluated after every step and the last position's logits at the end;
+- decode tok/s: greedy tokens after a 512-token prompt, one ``mx.eval`` per token;
+- memory: the parameters' size and the transient peak above it
+  (``mx.get_peak_memory`` over the engine's runs, reset before them).
+
+Timings are wall-clock, best of ``--reps`` runs, the two engines alternating
+(the machine may be shared: the process CPU time of the best run is recorded
+too, and the load average before and after). tok/s ratios are qnext_mlx / mlx-lm.
+
+Configurations. The default has the real Qwen3-Next-80B-A3B layer widths
+(hidden 2048; DeltaNet 32 value / 16 key heads of 128; attention 16 query /
+2 KV heads of 256; experts of 512 with top-10 routing and a 512 shared expert)
+with 4 layers (3 DeltaNet + 1 attention), 64 experts and an 8192-token
+vocabulary. The full run takes about 1-2 hours on 2 cores (mlx-lm alone
+prefills about 4 tok/s there). ``--quick`` halves the widths (hidden 1024;
+16 value / 8 key DeltaNet heads and 8 query / 1 KV attention heads, head dims
+kept; 32 experts of 256, top-10), keeps 2 layers (1 DeltaNet + 1 attention),
+measures 512 and 2048 tokens once each and 16 decode tokens, and finishes in under 5 minutes on 2 shared cores.
+The float dtype is float32 by default: mlx-lm's fastest on the CPU backend
+(its quantized kernels run 10x+ slower with bfloat16 activations there, which
+``--dtype bfloat16`` shows; the 4-bit weights are the same either way).
+
+Outputs: ``bench_out/`` (git-ignored) by default: ``bench.json``, ``bench.png``
+(a bar chart, skipped with a message when matplotlib is missing) and the
+checkpoint folder ``bench_out/ckpt-<hash>`` (reused by later runs with the same
+configuration). ``--json``/``--png`` choose other paths; committed results live
+under ``scripts/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Real Qwen3-Next-80B-A3B widths; fewer layers, experts and vocabulary.
+DEFAULT_CONFIG = dict(
+    model_type="qwen3_next",
+    vocab_size=8192,
+    hidden_size=2048,
+    intermediate_size=5120,
+    num_hidden_layers=4,
+    full_attention_interval=4,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    head_dim=256,
+    linear_num_value_heads=32,
+    linear_num_key_heads=16,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+    num_experts=64,
+    num_experts_per_tok=10,
+    moe_intermediate_size=512,
+    shared_expert_intermediate_size=512,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    norm_topk_prob=True,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=262144,
+    # mlx-lm 0.32 reads only these top-level keys (not ``rope_parameters``).
+    rope_theta=10000000.0,
+    partial_rotary_factor=0.25,
+    tie_word_embeddings=False,
+    attention_bias=False,
+)
+
+# Half the widths (head dims kept), one layer of each kind: about 1/8 of the
+# default's FLOPs per token, so that both engines fit the --quick budget.
+QUICK_CONFIG = dict(
+    DEFAULT_CONFIG,
+    vocab_size=4096,
+    hidden_size=1024,
+    num_hidden_layers=2,
+    full_attention_interval=2,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    linear_num_value_heads=16,
+    linear_num_key_heads=8,
+    num_experts=32,
+    num_experts_per_tok=10,
+    moe_intermediate_size=256,
+    shared_expert_intermediate_size=256,
+)
+
+PREFILL_STEP = 2048  # mlx_lm.generate's default prefill_step_size
+ENGINES = ("qnext_mlx", "mlx_lm")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------- checkpoint
+def write_checkpoint(cfg: dict, out: Path, dtype=mx.float32, bits: int = 4,
+                     group_size: int = 64, seed: int = 0) -> Path:
+    """Write one random, quantized MLX-layout checkpoint (``model.safetensors`` +
+    ``config.json`` with its ``quantization`` section) that both engines load.
+
+    The model is qnext_mlx's own (random parameters at their default init
+    scales, DeltaNet decay rates spread as mlx-lm initialises them), quantized
+    with ``nn.quantize`` and the model's ``quant_predicate``. Written to a
+    temporary folder then renamed.
+    """
+    from qnext_mlx.config import ModelConfig
+    from qnext_mlx.models import Model
+
+    mx.random.seed(seed)
+    model = Model(ModelConfig.from_dict(cfg))
+    for layer in model.layers:
+        if layer.is_linear:
+            la = layer.linear_attn
+            la.A_log = mx.log(mx.random.uniform(1.0, 16.0, la.A_log.shape))
+            la.dt_bias = mx.random.uniform(-1.0, 1.0, la.dt_bias.shape)
+    model.set_dtype(dtype)
+    predicate = model.quant_predicate
+    overrides = {}
+
+    def class_predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        p = predicate(path, module)
+        if isinstance(p, dict):
+            overrides[path] = dict(p)
+        return p
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=class_predicate)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    config = dict(cfg)
+    config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+    config["quantization_config"] = config["quantization"]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        with open(tmp / "config.json", "w") as f:
+            json.dump(config, f, indent=2)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def checkpoint_for(cfg: dict, out_dir: Path, dtype_name: str, seed: int) -> Path:
+    """The checkpoint folder for this configuration, written if not there yet."""
+    key = json.dumps({"cfg": cfg, "dtype": dtype_name, "seed": seed}, sort_keys=True)
+    path = out_dir / f"ckpt-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        log(f"reusing checkpoint {path}")
+        return path
+    log(f"writing random checkpoint {path} ...")
+    t = time.perf_counter()
+    write_checkpoint(cfg, path, dtype=getattr(mx, dtype_name), seed=seed)
+    log(f"  done in {time.perf_counter() - t:.0f} s")
+    return path
+
+
+def load_engines(path: Path) -> Dict[str, nn.Module]:
+    import qnext_mlx
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    ours = qnext_mlx.load_model(path, lazy=False)
+    theirs, _ = mlx_lm_load_model(Path(path), lazy=False)
+    return {"qnext_mlx": ours, "mlx_lm": theirs}
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+# ------------------------------------------------------------------ timing
+def cache_state(cache) -> list:
+    return [c.state for c in cache]
+
+
+def prefill(model, ids: mx.array, cache) -> mx.array:
+    """Feed ``ids`` ``[1, L]`` in steps of PREFILL_STEP; returns the last logits ``[1, V]``."""
+    L = ids.shape[1]
+    for s in range(0, L, PREFILL_STEP):
+        logits = model(ids[:, s : s + PREFILL_STEP], cache=cache)
+        if s + PREFILL_STEP < L:
+            mx.eval(cache_state(cache))
+    last = logits[:, -1, :]
+    mx.eval(last, cache_state(cache))
+    return last
+
+
+def decode(model, last_logits: mx.array, cache, n: int) -> List[int]:
+    """Greedy ``n`` tokens from ``last_logits`` ``[1, V]``, one evaluation per token."""
+    y = mx.argmax(last_logits, axis=-1)
+    out = []
+    for _ in range(n):
+        logits = model(y[:, None], cache=cache)
+        y = mx.argmax(logits[:, -1, :], axis=-1)
+        mx.eval(y)
+        out.append(y.item())
+    return out
+
+
+class Clock:
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.w
+        self.cpu = time.process_time() - self.c
+
+
+def prompt(length: int, vocab: int, seed: int) -> mx.array:
+    return mx.random.randint(0, vocab, (1, length), key=mx.random.key(seed))
+
+
+def check_parity(models: Dict[str, nn.Module], vocab: int, length: int = 128) -> Dict:
+    """Max |logit difference| between the engines on one prompt (no cache), and
+    whether greedy decoding of a few tokens picks the same ones."""
+    ids = prompt(length, vocab, seed=1)
+    logits = {name: m(ids) for name, m in models.items()}
+    mx.eval(logits)
+    a, b = logits["qnext_mlx"].astype(mx.float32), logits["mlx_lm"].astype(mx.float32)
+    diff = mx.abs(a - b).max().item()
+    scale = mx.abs(b).max().item()
+    toks = {}
+    for name, m in models.items():
+        cache = m.make_cache()
+        toks[name] = decode(m, prefill(m, ids[:, :64], cache), cache, 8)
+    return {"prompt_tokens": length, "max_logit_diff": diff, "max_abs_logit": scale,
+            "greedy_tokens_match": toks["qnext_mlx"] == toks["mlx_lm"]}
+
+
+def run(models: Dict[str, nn.Module], vocab: int, lengths: List[int], reps: int,
+        decode_tokens: int, decode_prompt: int) -> Dict:
+    """Prefill at each length (and decode after the ``decode_prompt``-token
+    prefill), engines alternating; returns the best timings and memory peaks."""
+    res = {name: {"prefill": {}, "peak_extra_bytes": 0} for name in models}
+    order = list(models)
+
+    def keep_best(name, key, wall, cpu, n, **extra):
+        best = res[name]["prefill"].get(key) if key != "decode" else res[name].get("decode")
+        if best is None or wall < best["wall_s"]:
+            entry = {"wall_s": wall, "cpu_s": cpu, "tok_s": n / wall, **extra}
+            if key == "decode":
+                res[name]["decode"] = entry
+            else:
+                res[name]["prefill"][key] = entry
+
+    for L in sorted(set(lengths) | {decode_prompt}):
+        ids = prompt(L, vocab, seed=L)
+        for rep in range(reps):
+            for name in (order if rep % 2 == 0 else order[::-1]):
+                m = models[name]
+                mx.clear_cache()
+                base = mx.get_active_memory()
+                mx.reset_peak_memory()
+                cache = m.make_cache()
+                with Clock() as c:
+                    last = prefill(m, ids, cache)
+                if L in lengths:
+                    keep_best(name, str(L), c.wall, c.cpu, L)
+                    log(f"  prefill {L:5d} {name:9s} rep {rep}: {L / c.wall:7.2f} tok/s "
+                        f"({c.wall:6.1f} s wall, {c.cpu:6.1f} s cpu)")
+                if L == decode_prompt:
+                    with Clock() as d:
+                        toks = decode(m, last, cache, decode_tokens)
+                    keep_best(name, "decode", d.wall, d.cpu, decode_tokens,
+                              prompt_tokens=decode_prompt, tokens=decode_tokens)
+                    res[name]["decode_ids"] = toks
+                    log(f"  decode {decode_tokens} after {decode_prompt} {name:9s} rep {rep}: "
+                        f"{decode_tokens / d.wall:6.2f} tok/s ({d.wall:5.1f} s wall)")
+                peak = mx.get_peak_memory() - base
+                res[name]["peak_extra_bytes"] = max(res[name]["peak_extra_bytes"], peak)
+                del cache, last
+    return res
+
+
+def machine_info() -> Dict:
+    import importlib.metadata as md
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": md.version("mlx"),
+        "mlx_lm": md.version("mlx-lm"),
+        "device": str(mx.default_device()),
+    }
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------ profile
+def _in_dims(layer) -> int:
+    if "scales" in layer:
+        return layer["scales"].shape[-1] * layer.group_size
+    return layer["weight"].shape[-1]
+
+
+def profile(model, length: int, hidden: int, seed: int = 5) -> Dict[str, float]:
+    """CPU seconds (process time, best of 2 after a 64-token warm-up) per
+    component of one DeltaNet layer, one attention layer, one MoE block and
+    the LM head, on random ``[1, length, dims]`` inputs without cache, each
+    component evaluated on its own (a mixer's "rest" is the whole mixer minus
+    its projections). Whole-model estimates multiply by the layer counts.
+    Process time rather than wall time: on a shared machine it is the steadier
+    measure of single-threaded work (run with one CPU lane)."""
+    layers = model.model.layers
+    dn = next(l for l in layers if l.is_linear)
+    at = next((l for l in layers if not l.is_linear), None)
+    la = dn.linear_attn
+    inputs = {d: mx.random.normal((1, length, d), key=mx.random.key(seed + d)) for d in
+              {hidden, _in_dims(la.out_proj)} | ({_in_dims(at.self_attn.o_proj)} if at is not None else set())}
+    mx.eval(inputs)
+    x = inputs[hidden]
+    out = {}
+
+    def timed(name, fn, sub=()):
+        mx.eval(fn(64))
+        best = None
+        for _ in range(2):
+            t = time.process_time()
+            mx.eval(fn(length))
+            w = time.process_time() - t
+            best = w if best is None else min(best, w)
+        out[name] = max(0.0, best - sum(out[k] for k in sub))
+        log(f"    {name:28s} {out[name]:8.2f} s")
+
+    def inp(d, n):
+        return inputs[d][:, :n]
+
+    v_in = _in_dims(la.out_proj)
+    timed("dn.in_proj", lambda n: [la.in_proj_qkvz(x[:, :n]), la.in_proj_ba(x[:, :n])])
+    timed("dn.out_proj", lambda n: la.out_proj(inp(v_in, n)))
+    timed("dn.conv+gated_delta+norm", lambda n: la(x[:, :n], None, None), sub=("dn.in_proj", "dn.out_proj"))
+    if at is not None:
+        sa = at.self_attn
+        o_in = _in_dims(sa.o_proj)
+        timed("attn.projections", lambda n: [sa.q_proj(x[:, :n]), sa.k_proj(x[:, :n]), sa.v_proj(x[:, :n]),
+                                             sa.o_proj(inp(o_in, n))])
+        timed("attn.sdpa+norms+rope", lambda n: sa(x[:, :n], mask="causal", cache=None), sub=("attn.projections",))
+    moe = dn.mlp
+    timed("moe.router", lambda n: moe.gate(x[:, :n]))
+    timed("moe.shared_expert", lambda n: [moe.shared_expert(x[:, :n]), moe.shared_expert_gate(x[:, :n])])
+    timed("moe.routed_experts", lambda n: moe(x[:, :n]), sub=("moe.router", "moe.shared_expert"))
+    timed("lm_head", lambda n: model.lm_head(x[:, :n]))
+    n_dn = sum(1 for l in layers if l.is_linear)
+    n_at = len(layers) - n_dn
+    total = {
+        "projections": n_dn * (out["dn.in_proj"] + out["dn.out_proj"]) + n_at * out.get("attn.projections", 0.0),
+        "conv+gated_delta": n_dn * out["dn.conv+gated_delta+norm"],
+        "attention_core": n_at * out.get("attn.sdpa+norms+rope", 0.0),
+        "moe_routed_experts": len(layers) * out["moe.routed_experts"],
+        "moe_shared_expert": len(layers) * out["moe.shared_expert"],
+        "moe_router": len(layers) * out["moe.router"],
+        "lm_head": out["lm_head"],
+    }
+    return {"per_layer_s": out, "model_estimate_s": total, "tokens": length}
+
+
+# -------------------------------------------------------------------- chart
+def write_chart(result: Dict, path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no chart (pip install matplotlib)")
+        return None
+    groups = [f"prefill {L}" for L in result["prefill"]] + ["decode"]
+    rows = list(result["prefill"].values()) + [result["decode"]]
+    fig, ax = plt.subplots(figsize=(1.9 * len(groups) + 2, 4.2))
+    width = 0.38
+    for i, (eng, color) in enumerate((("mlx_lm", "#9aa5b1"), ("qnext_mlx", "#2f6db5"))):
+        xs = [g + (i - 0.5) * width for g in range(len(groups))]
+        vals = [r[eng] for r in rows]
+        ax.bar(xs, vals, width, label=eng.replace("_", "-"), color=color)
+    for g, r in enumerate(rows):
+        top = max(r["qnext_mlx"], r["mlx_lm"])
+        ax.text(g, top * 1.02, f"{r['ratio']:.2f}x", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("tokens / s (higher is better)")
+    cfg = result["config"]
+    ax.set_title(
+        f"Qwen3-Next widths, {cfg['num_hidden_layers']} layers, {cfg['num_experts']} experts "
+        f"(top-{cfg['num_experts_per_tok']}), {result['bits']}-bit, {result['dtype']}, "
+        f"MLX {result['machine']['device']}",
+        fontsize=9,
+    )
+    ax.legend()
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(obj: Dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller model, 512 and 2048 tokens, one rep")
+    p.add_argument("--json", type=Path, help="result JSON (default OUT_DIR/bench.json)")
+    p.add_argument("--png", type=Path, help="bar chart (default next to the JSON)")
+    p.add_argument("--out-dir", type=Path, default=REPO / "bench_out", help="checkpoints and default outputs")
+    p.add_argument("--lengths", type=int, nargs="+", help="prefill lengths (default 512 2048 8192; quick 512 2048)")
+    p.add_argument("--reps", type=int, help="timed runs per measurement (default 2; quick 1)")
+    p.add_argument("--decode-tokens", type=int, help="greedy tokens timed (default 32; quick 16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="float dtype of the checkpoint (scales and unquantized weights)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (JSON value), e.g. --set num_hidden_layers=8")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lanes", type=int, default=None,
+                   help="CPU streams (threads) for qnext_mlx's prefill GEMMs (default: the library's, "
+                        "QNEXT_CPU_LANES or 1); mlx-lm always runs on one")
+    p.add_argument("--profile", type=int, metavar="TOKENS",
+                   help="instead of the benchmark, time each component of both engines at this length")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = dict(QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        try:
+            cfg[key] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg[key] = value
+    lengths = args.lengths or ([512, 2048] if args.quick else [512, 2048, 8192])
+    reps = args.reps or (1 if args.quick else 2)
+    decode_tokens = args.decode_tokens or (16 if args.quick else 32)
+    json_path = args.json or args.out_dir / "bench.json"
+    png_path = args.png or json_path.with_suffix(".png")
+
+    from qnext_mlx.kernels import linear as qlinear
+
+    if args.lanes is not None:
+        qlinear.set_cpu_lanes(args.lanes)
+    t0 = time.perf_counter()
+    machine = machine_info()
+    machine["qnext_cpu_lanes"] = qlinear.cpu_lanes()
+    ckpt = checkpoint_for(cfg, args.out_dir, args.dtype, args.seed)
+    log("loading both engines ...")
+    models = load_engines(ckpt)
+    for m in models.values():
+        mx.eval(m.parameters())
+    parity = check_parity(models, cfg["vocab_size"])
+    log(f"parity: max |logit diff| {parity['max_logit_diff']:.3g} (logits up to {parity['max_abs_logit']:.3g}), "
+        f"greedy tokens match: {parity['greedy_tokens_match']}")
+    # Warm-up (compiled helpers, allocator) on a short prompt, both paths.
+    for m in models.values():
+        c = m.make_cache()
+        decode(m, prefill(m, prompt(64, cfg["vocab_size"], 3), c), c, 2)
+
+    if args.profile:
+        prof = {}
+        for name in ENGINES:
+            log(f"profile {name}, {args.profile} tokens:")
+            prof[name] = profile(models[name], args.profile, cfg["hidden_size"])
+        result = {"config": cfg, "dtype": args.dtype, "machine": machine, "parity": parity, "profile": prof}
+        write_json(result, json_path)
+        print(f"{'model estimate (s)':24s}{'qnext_mlx':>11s}{'mlx-lm':>11s}{'ratio':>8s}")
+        for k in prof["mlx_lm"]["model_estimate_s"]:
+            a, b = prof["qnext_mlx"]["model_estimate_s"][k], prof["mlx_lm"]["model_estimate_s"][k]
+            print(f"{k:24s}{a:11.2f}{b:11.2f}{b / a if a > 0 else float('nan'):7.2f}x")
+        print(f"wrote {json_path}")
+        return 0
+
+    res = run(models, cfg["vocab_size"], lengths, reps, decode_tokens, decode_prompt=512)
+    try:
+        machine["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+
+    def pair(key_fn):
+        a, b = key_fn(res["qnext_mlx"]), key_fn(res["mlx_lm"])
+        return {"qnext_mlx": a, "mlx_lm": b, "ratio": a / b}
+
+    result = {
+        "config": cfg,
+        "bits": 4,
+        "group_size": 64,
+        "dtype": args.dtype,
+        "prefill_step": PREFILL_STEP,
+        "reps": reps,
+        "machine": machine,
+        "parity": parity,
+        "prefill": {L: pair(lambda r, L=L: r["prefill"][L]["tok_s"]) for L in res["qnext_mlx"]["prefill"]},
+        "decode": dict(pair(lambda r: r["decode"]["tok_s"]), prompt_tokens=512, tokens=decode_tokens,
+                       same_tokens=res["qnext_mlx"]["decode_ids"] == res["mlx_lm"]["decode_ids"]),
+        "memory_gb": {
+            name: {"weights": param_bytes(models[name]) / 1e9,
+                   "peak_extra": res[name]["peak_extra_bytes"] / 1e9,
+                   "peak": (param_bytes(models[name]) + res[name]["peak_extra_bytes"]) / 1e9}
+            for name in ENGINES
+        },
+        "timings": {name: {"prefill": res[name]["prefill"], "decode": res[name]["decode"]} for name in ENGINES},
+        "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "elapsed_s": time.perf_counter() - t0,
+    }
+    write_json(result, json_path)
+    chart = write_chart(result, png_path)
+
+    print(f"{'':14s}{'qnext_mlx':>12s}{'mlx-lm':>12s}{'ratio':>8s}")
+    for L, r in result["prefill"].items():
+        print(f"prefill {L:>6s}{r['qnext_mlx']:12.2f}{r['mlx_lm']:12.2f}{r['ratio']:7.2f}x")
+    d = result["decode"]
+    print(f"{'decode':14s}{d['qnext_mlx']:12.2f}{d['mlx_lm']:12.2f}{d['ratio']:7.2f}x   (tok/s)")
+    for name in ENGINES:
+        m = result["memory_gb"][name]
+        print(f"memory {name:9s} weights {m['weights']:.2f} GB, peak {m['peak']:.2f} GB")
+    print(f"max |logit diff| {parity['max_logit_diff']:.3g}; wrote {json_path}" + (f" and {chart}" if chart else ""))
+    log(f"total {result['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The CPU prefill paths against the kernels they replace.
+
+- ``kernels.moe.grouped_switch_glu`` (tokens grouped by expert, plain GEMMs)
+  against mlx-lm's ``SwitchGLU`` (gather_mm / gather_qmm), float and quantized,
+  with experts that receive no token;
+- ``SparseMoeBlock`` taking the grouped path for prefill and SwitchGLU for decode;
+- ``kernels.linear`` (dequantize + row-major GEMM) against ``nn.Linear`` /
+  ``nn.QuantizedLinear``, tiled and not, and the module swap the loader applies.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from qnext_mlx.config import ModelConfig
+from qnext_mlx.kernels import linear as klinear
+from qnext_mlx.kernels import moe as kmoe
+from qnext_mlx.models import Model
+from qnext_mlx.models.qwen3_next import SparseMoeBlock
+
+H, I, E, K = 128, 64, 8, 2
+
+
+def _switch(seed: int, bits=None, group_size=64, dtype=mx.float32) -> SwitchGLU:
+    mx.random.seed(seed)
+    sw = SwitchGLU(H, I, E)
+    sw.set_dtype(dtype)
+    if bits is not None:
+        nn.quantize(sw, group_size=group_size, bits=bits)
+    mx.eval(sw.parameters())
+    return sw
+
+
+def _routes(n_tokens: int, seed: int, empty=(3, 5)) -> mx.array:
+    """``[n_tokens, K]`` distinct expert ids per token, never using the ``empty`` experts."""
+    rng = np.random.default_rng(seed)
+    allowed = [e for e in range(E) if e not in empty]
+    return mx.array(np.stack([rng.choice(allowed, K, replace=False) for _ in range(n_tokens)]).astype(np.uint32))
+
+
+def _assert_close(a: mx.array, b: mx.array, rtol: float, atol: float):
+    np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,dtype,tol",
+    [
+        (None, 64, mx.float32, 1e-5),
+        (4, 64, mx.float32, 1e-5),
+        (8, 32, mx.float32, 1e-5),
+        (4, 64, mx.bfloat16, 3e-2),
+    ],
+)
+def test_grouped_matches_switch_glu(bits, group_size, dtype, tol):
+    sw = _switch(0, bits, group_size, dtype)
+    x = mx.random.normal((2, 40, H), key=mx.random.key(1)).astype(dtype)
+    inds = _routes(80, seed=2).reshape(2, 40, K)
+    want = sw(x, inds)  # sorted gather path (>= 64 rows)
+    got = kmoe.grouped_switch_glu(sw, x, inds)
+    assert got.shape == want.shape == (2, 40, K, H)
+    assert got.dtype == want.dtype
+    _assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_grouped_uneven_and_single_expert():
+    sw = _switch(3, bits=4)
+    x = mx.random.normal((33, H), key=mx.random.key(4))
+    # Every token on experts 0 and 7 only (6 experts empty), then a skewed mix.
+    for inds in (mx.array([[7, 0]] * 33, dtype=mx.uint32), _routes(33, seed=5, empty=(1, 2, 4, 6))):
+        _assert_close(kmoe.grouped_switch_glu(sw, x, inds), sw(x, inds), 1e-5, 1e-5)
+
+
+def _block(bits=None) -> SparseMoeBlock:
+    cfg = ModelConfig.from_dict(dict(
+        vocab_size=64, hidden_size=H, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I,
+        shared_expert_intermediate_size=128,
+    ))
+    mx.random.seed(7)
+    block = SparseMoeBlock(cfg)
+    # A sharper router than the default init so that routing differs per token.
+    block.gate.weight = block.gate.weight * 8
+    if bits is not None:
+        nn.quantize(block, group_size=64, bits=bits, class_predicate=lambda p, m: hasattr(m, "to_quantized"))
+    mx.eval(block.parameters())
+    return block
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_moe_block_prefill_uses_grouped_path_and_matches(monkeypatch, bits):
+    block = _block(bits)
+    x = mx.random.normal((1, 48, H), key=mx.random.key(8))
+    assert kmoe.use_grouped_experts(48 * K, E)
+    calls = []
+    real = kmoe.grouped_switch_glu
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    import qnext_mlx.models.qwen3_next as q3
+
+    monkeypatch.setattr(q3, "grouped_switch_glu", spy)
+    got = block(x)
+    assert calls, "prefill-sized input did not take the grouped path"
+    monkeypatch.setattr(kmoe, "MIN_ROWS_PER_EXPERT", 10**9)  # force SwitchGLU
+    want = block(x)
+    assert len(calls) == 1
+    _assert_close(got, want, 1e-5, 1e-5)
+
+
+def test_moe_block_decode_keeps_switch_glu(monkeypatch):
+    import qnext_mlx.models.qwen3_next as q3
+
+    def fail(*a, **kw):
+        raise AssertionError("decode must not take the grouped path")
+
+    monkeypatch.setattr(q3, "grouped_switch_glu", fail)
+    block = _block(4)
+    y = block(mx.random.normal((1, 1, H), key=mx.random.key(9)))
+    assert y.shape == (1, 1, H)
+
+
+# ------------------------------------------------------------------ linears
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (4, 32)])
+def test_dense_matmul_matches_quantized_matmul(monkeypatch, bits, group_size):
+    w = mx.random.normal((200, 256), key=mx.random.key(10)) * 0.05
+    q, s, b = mx.quantize(w, group_size, bits)
+    x = mx.random.normal((3, 37, 256), key=mx.random.key(11))
+    want = mx.quantized_matmul(x, q, s, b, transpose=True, group_size=group_size, bits=bits)
+    _assert_close(klinear.dense_matmul(x, q, s, b, group_size, bits), want, 1e-5, 1e-5)
+    # Tiled over output features (200 = 3 tiles of 64 + 8), from a transposed (strided) input.
+    monkeypatch.setattr(klinear, "_TILE_ELEMENTS", 64 * 256)
+    xt = mx.random.normal((256, 37), key=mx.random.key(12)).T
+    want = mx.quantized_matmul(xt, q, s, b, transpose=True, group_size=group_size, bits=bits)
+    _assert_close(klinear.dense_matmul(xt, q, s, b, group_size, bits), want, 1e-5, 1e-5)
+
+
+def test_fast_linear_layers_match_mlx(monkeypatch):
+    mx.random.seed(13)
+    lin = nn.Linear(96, 80, bias=True)
+    qlin = nn.QuantizedLinear.from_linear(nn.Linear(128, 72, bias=True), group_size=64, bits=4)
+    mx.eval(lin.parameters(), qlin.parameters())
+    for layer, fast_cls in ((lin, klinear.FastLinear), (qlin, klinear.FastQuantizedLinear)):
+        d_in = layer.weight.shape[1] if fast_cls is klinear.FastLinear else 128
+        for rows in (1, 5, 64):  # decode (base path) and prefill (dense path)
+            x = mx.random.normal((1, rows, d_in), key=mx.random.key(rows))
+            want = layer(x)
+            layer.__class__ = fast_cls
+            got = layer(x)
+            layer.__class__ = fast_cls.__bases__[0]
+            assert got.shape == want.shape
+            _assert_close(got, want, 1e-5, 1e-5)
+    assert klinear.use_dense_path(64) and not klinear.use_dense_path(1)
+
+
+def test_use_fast_linears_on_model_keeps_logits():
+    cfg = ModelConfig.from_dict(dict(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, full_attention_interval=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    ))
+    mx.random.seed(14)
+    model = Model(cfg)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and "conv" not in p)
+    mx.eval(model.parameters())
+    ids = mx.random.randint(0, 96, (1, 40), key=mx.random.key(15))
+    want = model(ids)
+    n = klinear.use_fast_linears(model)
+    assert n > 0
+    assert all(type(m) is not nn.QuantizedLinear for _, m in model.named_modules())
+    _assert_close(model(ids), want, 1e-4, 1e-4)
