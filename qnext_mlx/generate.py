@@ -8,8 +8,9 @@ Layers, from the bottom:
   :class:`~qnext_mlx.cache.ModelCache`, leaving the cache consistent when
   interrupted (Ctrl-C) or failing mid-call.
 * :func:`generate_tokens` is THE decode loop: it yields ``(token, logprobs)``
-  one token at a time (speculative decoding replaces :func:`decode_step` /
-  this loop, nothing above it).
+  one token at a time; with ``mtp=`` it hands over to the speculative loop of
+  :mod:`qnext_mlx.speculative` (MTP drafts, one verify pass per step), which
+  keeps the same contract.
 * :func:`stream_generate` adds prompt reuse, detokenization, EOS and stop
   strings, and stats; :func:`generate` collects the text.
 * :func:`main` is the CLI.
@@ -64,9 +65,15 @@ class GenerationResponse(_mlx_generate.GenerationResponse):
     ``from_draft``, ``prompt_tokens``, ``prompt_tps`` (prompt tokens processed per second),
     ``generation_tokens``, ``generation_tps``, ``peak_memory`` (GB), ``finish_reason``
     (None, "stop" or "length"), and ``cached_tokens``: prompt tokens reused from the cache.
+    With MTP speculative decoding: ``draft_tokens`` (drafts per step, 0 without MTP),
+    ``acceptance_rate`` (accepted / proposed drafts so far) and ``mean_accepted_length``
+    (tokens per verify pass, accepted drafts + 1); ``from_draft`` marks accepted drafts.
     """
 
     cached_tokens: int = 0
+    draft_tokens: int = 0
+    acceptance_rate: Optional[float] = None
+    mean_accepted_length: Optional[float] = None
 
 
 # --------------------------------------------------------------- sampling
@@ -107,8 +114,9 @@ def make_logits_processors(prompt_len: int, presence_penalty: float = 0.0,
 
 
 # ------------------------------------------------------------ model calls
-def forward(model, cache: ModelCache, ids: mx.array) -> mx.array:
-    """``model(ids [1, L], cache) -> logits [1, L, vocab]``, all or nothing.
+def forward(model, cache: ModelCache, ids: mx.array, return_hidden: bool = False):
+    """``model(ids [1, L], cache) -> logits [1, L, vocab]`` (and the final hidden
+    states ``[1, L, hidden]`` with ``return_hidden``), all or nothing.
 
     Building the graph updates the layer caches one by one; if that is cut short
     (KeyboardInterrupt, an error) the cache is put back as it was, so it always
@@ -116,6 +124,8 @@ def forward(model, cache: ModelCache, ids: mx.array) -> mx.array:
     """
     snap = cache.snapshot()
     try:
+        if return_hidden:
+            return model(ids, cache=cache, return_hidden=True)
         return model(ids, cache=cache)
     except BaseException:
         cache.restore(snap)
@@ -127,13 +137,16 @@ def _eval_cache(cache: ModelCache) -> None:
 
 
 def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DEFAULT_PREFILL_STEP_SIZE,
-            progress: Optional[bool] = None) -> None:
+            progress: Optional[bool] = None,
+            on_hidden: Optional[Callable[[mx.array], None]] = None) -> None:
     """Feed ``tokens`` through the model in chunks of ``step_size``, evaluating the
     cache after each (memory stays bounded by one chunk's activations).
 
     ``progress``: True/False forces the stderr progress bar on/off; None shows it
     for more than ``PROGRESS_MIN_TOKENS`` tokens. Interrupted (Ctrl-C), the cache
-    holds exactly the chunks completed so far.
+    holds exactly the chunks completed so far. ``on_hidden(h [1, chunk, hidden])``
+    gets each chunk's final hidden states before the cache is evaluated (the MTP
+    head's prefill, :mod:`qnext_mlx.speculative`).
     """
     if step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {step_size}")
@@ -149,7 +162,10 @@ def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DE
     try:
         for start in range(0, n, step_size):
             chunk = mx.array(list(tokens[start : start + step_size]), dtype=mx.int32)[None]
-            forward(model, cache, chunk)  # the logits are never evaluated, so never computed
+            if on_hidden is None:
+                forward(model, cache, chunk)  # the logits are never evaluated, so never computed
+            else:
+                on_hidden(forward(model, cache, chunk, return_hidden=True)[1])
             _eval_cache(cache)
             mx.clear_cache()
             if bar is not None:
@@ -175,6 +191,7 @@ def generate_tokens(
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     progress: Optional[bool] = None,
     checkpoint_at: Sequence[int] = (),
+    mtp: Optional["MTPDecoding"] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield ``(token, logprobs [vocab])`` for up to ``max_tokens`` new tokens.
 
@@ -186,9 +203,20 @@ def generate_tokens(
     been fed to the model as well (decode is pipelined one step ahead), so when
     the loop ends the cache holds prompt + all yielded tokens.
 
-    This is the one decode loop; speculative decoding (MTP drafts) replaces
-    :func:`decode_step` and the one-token step here, nothing above it.
+    This is the one decode loop. ``mtp``: a :class:`~qnext_mlx.speculative.MTPDecoding`
+    (drafts per step, sampling settings; ``sampler`` must then be None) decodes with
+    MTP drafts instead, same contract (:func:`~qnext_mlx.speculative.speculative_generate_tokens`).
     """
+    if mtp is not None:
+        if sampler is not None:
+            raise ValueError("MTP decoding samples from its settings (mtp.temp, ...), not from a sampler function")
+        from .speculative import speculative_generate_tokens
+
+        yield from speculative_generate_tokens(
+            model, cache, prompt, decoding=mtp, max_tokens=max_tokens, logits_processors=logits_processors,
+            prefill_step_size=prefill_step_size, progress=progress, checkpoint_at=checkpoint_at,
+        )
+        return
     prompt = list(prompt)
     if cache.offset >= len(prompt):
         raise ValueError(f"the cache already holds {cache.offset} tokens of a {len(prompt)}-token prompt")
@@ -291,6 +319,8 @@ def stream_generate(
     checkpoint_at: Sequence[int] = (),
     sampler: Optional[Sampler] = None,
     logits_processors: Optional[List[LogitsProcessor]] = None,
+    mtp: Optional[bool] = None,
+    num_draft_tokens: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text for ``prompt``, yielding :class:`GenerationResponse` pieces as they decode.
 
@@ -310,6 +340,12 @@ def stream_generate(
         checkpoint_at: prompt positions where the cache keeps a reusable checkpoint
             (besides the one before the last prompt token), e.g. :func:`static_prefix_len`.
         sampler, logits_processors: replace the ones built from the arguments above.
+        mtp: speculative decoding with the model's MTP head (same output; greedy:
+            token for token, sampling: in distribution). None: on when the model has
+            an MTP head, no ``sampler`` is given and MTP is faster on this backend
+            (:func:`qnext_mlx.speculative.mtp_default`).
+        num_draft_tokens: MTP drafts per step, 1..4 (default
+            :data:`qnext_mlx.speculative.DEFAULT_NUM_DRAFT_TOKENS`).
 
     Generation stops at the tokenizer's EOS tokens (not emitted), a stop string, or
     ``max_tokens``; the last response has ``finish_reason`` "stop" or "length" and
@@ -318,6 +354,7 @@ def stream_generate(
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     check_sampling(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty)
+    decoding = _mtp_decoding(model, mtp, num_draft_tokens, sampler, temp, top_p, top_k, min_p)
     if seed is not None:
         mx.random.seed(seed)
     ids = _encode(tokenizer, prompt)
@@ -336,9 +373,10 @@ def stream_generate(
 
     tic = time.perf_counter()
     cached = cache.reuse(ids)
-    tokens = generate_tokens(model, cache, ids, max_tokens=max_tokens, sampler=sampler,
+    tokens = generate_tokens(model, cache, ids, max_tokens=max_tokens,
                              logits_processors=logits_processors, prefill_step_size=prefill_step_size,
-                             progress=progress, checkpoint_at=checkpoint_at)
+                             progress=progress, checkpoint_at=checkpoint_at,
+                             sampler=None if decoding else sampler, mtp=decoding)
     pending = ""  # text held back because it may be the start of a stop string
     prompt_tps = 0.0
     n = 0
@@ -346,11 +384,15 @@ def stream_generate(
 
     def response(text: str, finish: Optional[str]) -> GenerationResponse:
         elapsed = time.perf_counter() - tic
+        stats = decoding.stats if decoding else None
         return GenerationResponse(
-            text=text, token=token, logprobs=logprobs, from_draft=False,
+            text=text, token=token, logprobs=logprobs, from_draft=bool(stats and stats.from_draft),
             prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
             generation_tps=n / elapsed if elapsed > 0 else 0.0, peak_memory=peak_memory_gb(),
             finish_reason=finish, cached_tokens=cached,
+            draft_tokens=decoding.num_draft_tokens if decoding else 0,
+            acceptance_rate=stats.acceptance_rate if stats else None,
+            mean_accepted_length=stats.mean_accepted_length if stats else None,
         )
 
     with _mlx_generate.wired_limit(model, [_mlx_generate.generation_stream]):
@@ -382,6 +424,27 @@ def stream_generate(
                 yield response(text, None)
         finally:
             tokens.close()
+
+
+def _mtp_decoding(model, mtp: Optional[bool], num_draft_tokens: Optional[int], sampler, temp: float,
+                  top_p: float, top_k: int, min_p: float):
+    """The :class:`~qnext_mlx.speculative.MTPDecoding` for :func:`stream_generate`, or None (plain decoding)."""
+    from . import speculative
+
+    if num_draft_tokens is not None and not 1 <= num_draft_tokens <= speculative.MAX_DRAFT_TOKENS:
+        raise ValueError(f"num_draft_tokens must be in 1..{speculative.MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
+    if mtp is None:
+        mtp = sampler is None and speculative.mtp_default(model)
+    if not mtp:
+        return None
+    if not speculative.mtp_available(model):
+        raise ValueError("this model has no MTP head (no mtp.* tensors; converted without it?); decode without MTP")
+    if sampler is not None:
+        raise ValueError("MTP decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
+    return speculative.MTPDecoding(
+        num_draft_tokens=num_draft_tokens or speculative.DEFAULT_NUM_DRAFT_TOKENS,
+        temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+    )
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:
@@ -529,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the cache from FILE when it exists, reuse it, and save it back afterwards")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--hide-thinking", action="store_true", help="do not print <think>...</think> spans")
+    p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
+                   help="speculative decoding with the model's MTP head (same output, faster); default: on when "
+                        "the model has one and it is faster on this backend")
+    p.add_argument("--num-draft-tokens", type=_ranged(int, 1, 4), default=None, metavar="K",
+                   help="MTP draft tokens per step, 1..4 (default 2)")
     p.add_argument("--verbose", action="store_true", help="also print model, prompt and cache details to stderr")
     add_rope_arguments(p)
     return p
@@ -589,6 +657,8 @@ def _run(args) -> int:
         )
     model, tokenizer = load(model_path)
     apply_rope_arguments(args, model)  # before the cache: its fingerprint includes the RoPE scaling
+    if args.mtp and not model.has_mtp:
+        raise QnextError(f"{path} has no MTP head (no mtp.* tensors; converted without it?); drop --mtp")
     text = format_prompt(tokenizer, prompt, args.system, chat_template=not args.no_chat_template)
     ids = _encode(tokenizer, text)
     cache = _open_cache(args, model)
@@ -606,6 +676,7 @@ def _run(args) -> int:
             top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
             repetition_penalty=args.repetition_penalty, seed=args.seed, prompt_cache=cache,
             prefill_step_size=args.prefill_step_size, stop_strings=args.stop, checkpoint_at=checkpoints,
+            mtp=args.mtp, num_draft_tokens=args.num_draft_tokens,
         ):
             piece = think.feed(last.text) if think else last.text
             sys.stdout.write(piece)
@@ -621,7 +692,7 @@ def _run(args) -> int:
         print(
             f"Prompt: {last.prompt_tokens} tokens{cached}, {last.prompt_tps:.1f} tok/s | "
             f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
-            f"Peak memory: {last.peak_memory:.2f} GB",
+            f"Peak memory: {last.peak_memory:.2f} GB{_mtp_stats_text(last)}",
             file=sys.stderr,
         )
     if args.prompt_cache:
@@ -633,6 +704,14 @@ def _run(args) -> int:
         print(f"interrupted{held}", file=sys.stderr)
         return 130
     return 0
+
+
+def _mtp_stats_text(r: GenerationResponse) -> str:
+    """`` | MTP K=2: 71.3% accepted, 2.43 tokens/step`` when MTP ran, else empty."""
+    if not r.draft_tokens:
+        return ""
+    return (f" | MTP K={r.draft_tokens}: {100 * (r.acceptance_rate or 0):.1f}% accepted, "
+            f"{r.mean_accepted_length or 0:.2f} tokens/step")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -131,24 +131,25 @@ def test_stop_strings(model, tokenizer):
 
 
 def test_prompt_reuse_processes_only_new_tokens(model, tokenizer):
+    # counts main-model tokens, so plain decoding (MTP verify passes also see rejected drafts)
     counting = Counting(model)
     cache = model.make_cache()
     first = prompt_ids(tokenizer)
-    r1 = list(stream_generate(counting, tokenizer, first, temp=0, max_tokens=6, prompt_cache=cache))
+    r1 = list(stream_generate(counting, tokenizer, first, temp=0, max_tokens=6, prompt_cache=cache, mtp=False))
     assert sum(counting.calls) == len(first) + 6 and r1[-1].cached_tokens == 0
     # next chat turn: the new prompt extends everything the cache holds
     follow = tokenizer.encode("<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n<|im_start|>assistant\n",
                               add_special_tokens=False)
     second = cache.tokens + follow
     counting.calls.clear()
-    r2 = list(stream_generate(counting, tokenizer, second, temp=0, max_tokens=6, prompt_cache=cache))
+    r2 = list(stream_generate(counting, tokenizer, second, temp=0, max_tokens=6, prompt_cache=cache, mtp=False))
     assert r2[-1].cached_tokens == len(second) - len(follow)
     assert sum(counting.calls) == len(follow) + 6
     fresh = list(stream_generate(model, tokenizer, second, temp=0, max_tokens=6))
     assert [r.token for r in r2] == [r.token for r in fresh]
     # the same prompt again (regenerate): the checkpoint before its last token is reused
     counting.calls.clear()
-    r3 = list(stream_generate(counting, tokenizer, second, temp=0, max_tokens=6, prompt_cache=cache))
+    r3 = list(stream_generate(counting, tokenizer, second, temp=0, max_tokens=6, prompt_cache=cache, mtp=False))
     assert r3[-1].cached_tokens == len(second) - 1 and sum(counting.calls) == 1 + 6
     assert [r.token for r in r3] == [r.token for r in r2]
 
