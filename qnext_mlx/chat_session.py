@@ -1,0 +1,714 @@
+"""Conversation logic shared by the server, the terminal chat and the desktop app.
+
+One implementation of everything the three chat surfaces have in common:
+
+* :func:`render_prompt` / :meth:`ChatEngine.prepare`: messages (and tools) -> prompt
+  text and token ids through the tokenizer's chat template (Qwen3's puts the tools
+  in the system turn and renders ``role: tool`` results as ``<tool_response>``);
+* :class:`CachePool`: a few :class:`~qnext_mlx.cache.ModelCache` objects kept
+  across requests; each prompt takes the one holding the longest prefix of it, so
+  a follow-up message of the same conversation only prefills the new part;
+* :class:`ReplyParser`: splits the streamed reply into reasoning (``<think>``),
+  answer text and Qwen3 tool calls (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``);
+* :class:`ChatEngine`: runs one reply through :func:`qnext_mlx.generate.stream_generate`
+  (the only generation path, so speculative decoding there applies everywhere),
+  with cancellation between tokens;
+* :class:`ChatSession`: one conversation (history, system message, sampling
+  settings), saved to / loaded from JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .cache import ModelCache
+from .errors import CacheError, QnextError
+from .generate import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_P,
+    DEFAULT_TEMP,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    _mlx_generate,
+    _stop_holdback,
+    check_sampling,
+    prompt_opens_think,
+    stream_generate,
+)
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+CONVERSATION_FORMAT = "qnext-mlx-conversation"
+generation_stream = _mlx_generate.generation_stream
+
+
+class ChatError(QnextError):
+    """A conversation cannot be turned into a prompt (template failure, prompt too long, bad file)."""
+
+
+class PromptTooLongError(ChatError):
+    """The prompt does not fit the model's context."""
+
+
+# ------------------------------------------------------------------ settings
+@dataclass
+class SamplingSettings:
+    """Sampling and length settings of one reply (model-card defaults)."""
+
+    temp: float = DEFAULT_TEMP
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    presence_penalty: float = 0.0
+    repetition_penalty: Optional[float] = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raise ValueError (one line) for an out-of-range value."""
+        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.presence_penalty,
+                       self.repetition_penalty)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingSettings":
+        """Settings from a dict (unknown keys are ignored: files from newer versions load)."""
+        known = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in (data or {}).items() if k in known})
+        out.validate()
+        return out
+
+
+# ------------------------------------------------------------------- prompts
+@dataclass
+class PreparedPrompt:
+    """A prompt ready for generation.
+
+    Attributes:
+        text: the formatted prompt text.
+        ids: its token ids ``[L]``.
+        opens_think: the prompt leaves a ``<think>`` span open (thinking templates),
+            so the reply starts with reasoning.
+        parse_tools: turn ``<tool_call>`` spans of the reply into tool calls.
+        checkpoint_at: prompt positions where the cache keeps a reusable state
+            (the end of the system message / tool list).
+        raw: pass the reply text on as is (plain completion: no think / tool parsing).
+    """
+
+    text: str
+    ids: List[int]
+    opens_think: bool = False
+    parse_tools: bool = False
+    checkpoint_at: List[int] = field(default_factory=list)
+    raw: bool = False
+
+
+def message_text(content) -> str:
+    """The text of an OpenAI message ``content``: a string, None, or a list of
+    ``{"type": "text", "text": ...}`` parts (joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def _template_messages(messages: Sequence[dict]) -> List[dict]:
+    """Messages as the chat template expects them: text content; ``developer`` -> ``system``."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("role") == "developer":
+            m["role"] = "system"
+        if m.get("content") is not None or m.get("role") != "assistant":
+            m["content"] = message_text(m.get("content"))
+        else:
+            m["content"] = ""
+        if m.get("reasoning_content") is None:
+            m.pop("reasoning_content", None)
+        out.append(m)
+    return out
+
+
+def render_prompt(tokenizer, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
+                  template_kwargs: Optional[dict] = None, add_generation_prompt: bool = True) -> str:
+    """``messages`` (OpenAI chat format) and ``tools`` (OpenAI function specs) in the
+    tokenizer's chat template, ending with the assistant turn's header."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ChatError("this model's tokenizer has no chat template; use /v1/completions with a raw prompt")
+    try:
+        return tokenizer.apply_chat_template(
+            _template_messages(messages), tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {}),
+        )
+    except QnextError:
+        raise
+    except Exception as e:  # jinja2 errors, raise_exception() in templates
+        raise ChatError(f"the chat template cannot render these messages: {e}") from None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------- reply parts
+@dataclass
+class ToolCall:
+    """One function call of the reply: ``arguments`` is a JSON text, as OpenAI sends it."""
+
+    name: str
+    arguments: str
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class Delta:
+    """A piece of the reply: ``kind`` is "reasoning", "content" or "tool_call"."""
+
+    kind: str
+    text: str = ""
+    tool_call: Optional[ToolCall] = None
+
+
+@dataclass
+class ReplyStats:
+    """The end of a reply: why it stopped and how fast it went.
+
+    ``finish_reason``: "stop", "length", "tool_calls" or "cancelled";
+    ``cached_tokens``: prompt tokens reused from the prompt cache (not prefilled);
+    ``context_tokens``: tokens the cache holds afterwards (prompt + reply).
+    """
+
+    finish_reason: str
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    context_tokens: int = 0
+    max_context: int = 0
+
+
+def parse_tool_call(raw: str) -> Optional[ToolCall]:
+    """The call in a ``<tool_call>`` span (``{"name": ..., "arguments": {...}}``), or None
+    when it is not such a JSON object."""
+    try:
+        obj = json.loads(raw.strip())
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            json.loads(args)
+        except ValueError:
+            return None
+        return ToolCall(obj["name"], args)
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+class ReplyParser:
+    """Splits streamed reply text into reasoning, answer text and tool calls.
+
+    ``feed(text)`` takes pieces that may split a tag anywhere (a possible partial
+    tag is held back until the next piece decides) and returns :class:`Delta`
+    objects; ``finish()`` returns what is left. ``in_think=True`` starts inside a
+    ``<think>`` span (the prompt opened it). With ``parse_tools``, a ``<tool_call>``
+    span holding a valid call becomes a ``tool_call`` delta; an invalid or
+    unfinished one is passed on as text, so nothing the model wrote is lost.
+    Whitespace around the tags (the template's newlines) is dropped.
+    """
+
+    def __init__(self, in_think: bool = False, parse_tools: bool = False, raw: bool = False):
+        self.mode = "think" if in_think else "content"
+        self.parse_tools = parse_tools
+        self.raw = raw
+        self.tool_calls: List[ToolCall] = []
+        self._buf = ""
+        self._strip = in_think  # drop leading whitespace of the next span
+
+    def _tags(self) -> List[str]:
+        if self.mode == "think":
+            return [THINK_CLOSE]
+        if self.mode == "tool":
+            return [TOOL_CLOSE]
+        return [THINK_OPEN] + ([TOOL_OPEN] if self.parse_tools else [])
+
+    def _emit(self, kind: str, text: str, out: List[Delta]) -> None:
+        if self._strip:
+            text = text.lstrip()
+            if not text:
+                return
+            self._strip = False
+        if text:
+            if out and out[-1].kind == kind and kind != "tool_call":
+                out[-1].text += text
+            else:
+                out.append(Delta(kind, text))
+
+    def feed(self, text: str) -> List[Delta]:
+        if self.raw:
+            return [Delta("content", text)] if text else []
+        self._buf += text
+        out: List[Delta] = []
+        while True:
+            tags = self._tags()
+            hits = [(i, t) for t in tags for i in [self._buf.find(t)] if i >= 0]
+            if not hits:
+                hold = _stop_holdback(self._buf, tags)
+                ready = self._buf[: len(self._buf) - hold]
+                if self.mode == "tool":
+                    break  # the call is kept whole until its closing tag
+                # Trailing whitespace may precede a closing </think> or a <tool_call>
+                # (the template's newlines): hold it until more text decides.
+                ready = ready.rstrip()
+                self._buf = self._buf[len(ready):]
+                self._emit("reasoning" if self.mode == "think" else "content", ready, out)
+                break
+            i, tag = min(hits)
+            before, self._buf = self._buf[:i], self._buf[i + len(tag):]
+            if self.mode == "think":
+                self._emit("reasoning", before.rstrip(), out)
+                self.mode, self._strip = "content", True
+            elif self.mode == "tool":
+                call = parse_tool_call(before)
+                if call is None:
+                    self._emit("content", TOOL_OPEN + before + TOOL_CLOSE, out)
+                else:
+                    self.tool_calls.append(call)
+                    out.append(Delta("tool_call", tool_call=call))
+                self.mode, self._strip = "content", True
+            elif tag == THINK_OPEN:
+                self._emit("content", before, out)
+                self.mode, self._strip = "think", True
+            else:  # TOOL_OPEN
+                self._emit("content", before.rstrip(), out)
+                self.mode = "tool"
+        return out
+
+    def finish(self) -> List[Delta]:
+        """The rest: held-back text; an unfinished think span as reasoning; an
+        unfinished tool call as text."""
+        out: List[Delta] = []
+        text, self._buf = self._buf, ""
+        if self.mode == "think":
+            self._emit("reasoning", text.rstrip(), out)
+        elif self.mode == "tool":
+            self._strip = False
+            self._emit("content", TOOL_OPEN + text, out)
+        else:
+            self._emit("content", text, out)
+        self.mode = "content"
+        return out
+
+
+# -------------------------------------------------------------- cache reuse
+def reusable_tokens(cache: ModelCache, ids: Sequence[int]) -> int:
+    """How many leading tokens of ``ids`` :meth:`ModelCache.reuse` would reuse (no change to the cache)."""
+    ids = list(ids)
+    limit = len(ids) - 1
+    current = cache.tokens
+    if 0 < len(current) <= limit and ids[: len(current)] == current:
+        return len(current)
+    best = 0
+    for snap in cache.checkpoints:
+        if best < snap.offset <= limit and ids[: snap.offset] == snap.tokens:
+            best = snap.offset
+    if not cache.has_linear_state and current:
+        best = max(best, _common_prefix(current[:limit], ids[:limit]))
+    return best
+
+
+class CachePool:
+    """Up to ``size`` prompt caches, most recently used last.
+
+    :meth:`take` hands out the cache that holds the longest prefix of a prompt
+    (several conversations can alternate without evicting each other); with no
+    match it takes a fresh cache, or recycles the least recently used one.
+    """
+
+    def __init__(self, model, size: int = 2, kv_bits: Optional[int] = None, kv_group_size: int = 64):
+        if size < 1:
+            raise ValueError(f"the prompt cache pool needs size >= 1, got {size}")
+        self.model = model
+        self.size = size
+        self.kv_bits = kv_bits
+        self.kv_group_size = kv_group_size
+        self.caches: List[ModelCache] = []
+
+    def new_cache(self) -> ModelCache:
+        return self.model.make_cache(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
+
+    def take(self, ids: Sequence[int]) -> ModelCache:
+        """The cache to generate ``ids`` with (it becomes the most recently used)."""
+        best, best_n = None, 0
+        for cache in self.caches:
+            n = reusable_tokens(cache, ids)
+            if n > best_n:
+                best, best_n = cache, n
+        if best is None:
+            if len(self.caches) >= self.size:
+                self.caches.pop(0)  # least recently used; dropping it frees its memory
+            best = self.new_cache()
+        else:
+            self.caches.remove(best)
+        self.caches.append(best)
+        return best
+
+    def put(self, cache: ModelCache) -> None:
+        """Add ``cache`` (e.g. loaded from a file) as the most recently used."""
+        if cache in self.caches:
+            self.caches.remove(cache)
+        self.caches.append(cache)
+        del self.caches[: max(0, len(self.caches) - self.size)]
+
+    def latest(self) -> Optional[ModelCache]:
+        """The most recently used cache, if any."""
+        return self.caches[-1] if self.caches else None
+
+    def clear(self) -> None:
+        self.caches.clear()
+
+
+# ------------------------------------------------------------------ engine
+DEMO_MODEL_ID = "qnext-mlx-demo"
+
+
+def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, **engine_kwargs):
+    """Load ``--model`` (a folder or Hugging Face repo id; None: the bundled demo model)
+    into a :class:`ChatEngine`; returns ``(engine, model_name)``.
+
+    The model's arrays belong to the calling thread: call this on the thread that will
+    generate. Raises :class:`QnextError` subclasses (one line) for a missing model or
+    tokenizer. ``engine_kwargs`` go to :class:`ChatEngine` (``cache_size``, ``kv_bits``,
+    ``max_context``, ...).
+    """
+    import sys
+
+    from .errors import ModelNotFoundError
+    from .generate import _TOKENIZER_FILES, REAL_MODEL_REPO, resolve_model_arg
+    from .loading import load, resolve_model_path
+
+    path, is_demo = resolve_model_arg(model_arg)
+    if is_demo and not quiet:
+        print("note: running the bundled demo model (a tiny model for trying the tools offline). "
+              f"For the real model pass --model {REAL_MODEL_REPO} or a local MLX conversion.", file=sys.stderr)
+    model_path = resolve_model_path(path)
+    if not any(next(model_path.glob(p), None) for p in _TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{model_path} has no tokenizer files (tokenizer.json, ...); "
+                                 f"add the model's tokenizer files")
+    model, tokenizer = load(model_path)
+    name = DEMO_MODEL_ID if is_demo else (Path(path).name if Path(path).exists() else str(path))
+    return ChatEngine(model, tokenizer, **engine_kwargs), name
+
+
+class ChatEngine:
+    """A loaded model and tokenizer with a prompt-cache pool: prompts in, reply deltas out.
+
+    Not thread-safe: MLX evaluation must stay on one thread, so one thread (the
+    server's worker, the app's generation thread, the terminal's main thread)
+    owns the engine; :meth:`prepare` only tokenizes and may run anywhere.
+    """
+
+    def __init__(self, model, tokenizer, *, cache_size: int = 2, kv_bits: Optional[int] = None,
+                 kv_group_size: int = 64, max_context: Optional[int] = None,
+                 prefill_step_size: Optional[int] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pool = CachePool(model, cache_size, kv_bits, kv_group_size)
+        config_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_context = max_context or config_context or 2**31 - 1
+        self.prefill_step_size = prefill_step_size
+
+    # ........................................................... prompts
+    def prepare(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
+                template_kwargs: Optional[dict] = None, parse_tools: Optional[bool] = None) -> PreparedPrompt:
+        """Format and tokenize a chat; raises :class:`ChatError` when the template
+        fails or the prompt does not fit the context."""
+        text = render_prompt(self.tokenizer, messages, tools, template_kwargs)
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        self._check_length(ids)
+        checkpoints = []
+        n_system = 0
+        while n_system < len(messages) and messages[n_system].get("role") in ("system", "developer"):
+            n_system += 1
+        if (n_system or tools) and n_system < len(messages):
+            # The system message and tool list do not depend on the rest: keep a cache
+            # checkpoint at their end, so new conversations with them skip that part.
+            probes = [
+                self.tokenizer.encode(render_prompt(self.tokenizer, list(messages[:n_system]) +
+                                                    [{"role": "user", "content": c}], tools, template_kwargs,
+                                                    add_generation_prompt=False), add_special_tokens=False)
+                for c in ("x", "y")
+            ]
+            n = min(_common_prefix(*probes), _common_prefix(probes[0], ids))
+            if 0 < n < len(ids) - 1:
+                checkpoints.append(n)
+        return PreparedPrompt(text=text, ids=ids, opens_think=prompt_opens_think(text),
+                              parse_tools=bool(tools) if parse_tools is None else parse_tools,
+                              checkpoint_at=checkpoints)
+
+    def prepare_text(self, prompt: Union[str, Sequence[int]]) -> PreparedPrompt:
+        """A raw prompt (text as is, or token ids) for plain completion."""
+        if isinstance(prompt, str):
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add_special = bos is None or not prompt.startswith(bos)
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special))
+            text = prompt
+        else:
+            vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+            ids = [int(t) for t in prompt]
+            if vocab is not None and any(not 0 <= t < vocab for t in ids):
+                raise ChatError(f"prompt token ids must be in [0, {vocab})")
+            text = self.tokenizer.decode(ids)
+        if not ids:
+            raise ChatError("the prompt is empty")
+        self._check_length(ids)
+        return PreparedPrompt(text=text, ids=ids, raw=True)
+
+    def _check_length(self, ids: Sequence[int]) -> None:
+        if len(ids) >= self.max_context:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_context} tokens "
+                f"(the reply needs at least one more): shorten the conversation"
+            )
+
+    # ........................................................ generation
+    def generate(self, prompt: PreparedPrompt, settings: SamplingSettings,
+                 cancel: Optional[Callable[[], bool]] = None) -> Iterator[Union[Delta, ReplyStats]]:
+        """Generate a reply to ``prompt``: yields :class:`Delta` pieces as they decode,
+        then one :class:`ReplyStats`.
+
+        ``cancel()`` is checked after every token; when it returns True the reply
+        ends with finish_reason "cancelled" (the cache keeps what was generated, so
+        a follow-up still reuses it). Raises ValueError for bad settings.
+        """
+        settings.validate()
+        max_tokens = max(1, min(settings.max_tokens, self.max_context - len(prompt.ids)))
+        cache = self.pool.take(prompt.ids)
+        parser = ReplyParser(in_think=prompt.opens_think, parse_tools=prompt.parse_tools, raw=prompt.raw)
+        kwargs = {"prefill_step_size": self.prefill_step_size} if self.prefill_step_size else {}
+        stream = stream_generate(
+            self.model, self.tokenizer, prompt.ids, max_tokens=max_tokens, temp=settings.temp,
+            top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p,
+            presence_penalty=settings.presence_penalty, repetition_penalty=settings.repetition_penalty,
+            seed=settings.seed, prompt_cache=cache, stop_strings=settings.stop or None,
+            checkpoint_at=prompt.checkpoint_at, progress=False, **kwargs,
+        )
+        last, finish = None, "stop"
+        try:
+            for last in stream:
+                yield from parser.feed(last.text)
+                if last.finish_reason:
+                    finish = last.finish_reason
+                elif cancel is not None and cancel():
+                    finish = "cancelled"
+                    break
+        finally:  # also when our consumer stops early: end the decode loop now
+            stream.close()
+            # Wait for the step the pipelined decode queued ahead: no work may still be
+            # running on this thread's stream when the thread (or the process) ends.
+            mx.synchronize(generation_stream)
+        yield from parser.finish()
+        if finish == "stop" and parser.tool_calls:
+            finish = "tool_calls"
+        yield ReplyStats(
+            finish_reason=finish,
+            prompt_tokens=len(prompt.ids),
+            cached_tokens=last.cached_tokens if last else 0,
+            generation_tokens=last.generation_tokens if last else 0,
+            prompt_tps=last.prompt_tps if last else 0.0,
+            generation_tps=last.generation_tps if last else 0.0,
+            peak_memory=last.peak_memory if last else 0.0,
+            context_tokens=cache.offset,
+            max_context=self.max_context,
+        )
+
+
+def end_mlx_thread() -> None:
+    """Call last on a thread that ran the model, before it ends.
+
+    MLX 0.32 needs ``mx.clear_streams()`` at the end of every thread that used its
+    streams (ml-explore/mlx#3395, #4327): otherwise the process can abort at exit
+    ("terminate called without an active exception"). Pending work is finished first.
+    """
+    gc.collect()  # lazy arrays in reference cycles: free them on their own thread
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+    mx.clear_streams()
+
+
+# ----------------------------------------------------------------- session
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ChatError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cache_file_for(path: Union[str, os.PathLike]) -> Path:
+    """Where :meth:`ChatSession.save` keeps the prompt cache next to a conversation file."""
+    path = Path(path)
+    return path.with_name(path.name + ".cache.safetensors")
+
+
+class ChatSession:
+    """One conversation: system message, messages, sampling settings, and the engine
+    that answers. Used by the terminal chat and the desktop app.
+
+    ``messages`` holds the user and assistant turns (OpenAI format; assistant turns
+    carry ``reasoning_content`` when the model thought).
+    """
+
+    def __init__(self, engine: Optional[ChatEngine] = None, system: Optional[str] = None,
+                 settings: Optional[SamplingSettings] = None, template_kwargs: Optional[dict] = None,
+                 title: str = "", id: Optional[str] = None):
+        self.engine = engine
+        self.system = system or None
+        self.settings = settings or SamplingSettings()
+        self.template_kwargs = dict(template_kwargs or {})
+        self.messages: List[dict] = []
+        self.title = title
+        self.id = id or uuid.uuid4().hex[:12]
+        self.last_stats: Optional[ReplyStats] = None
+
+    def chat_messages(self) -> List[dict]:
+        """The messages the model sees (system message first)."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + list(self.messages)
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message and settings stay)."""
+        self.messages = []
+        self.last_stats = None
+
+    def send(self, text: str, cancel: Optional[Callable[[], bool]] = None) -> Iterator[Union[Delta, ReplyStats]]:
+        """Add a user message and stream the reply (see :meth:`ChatEngine.generate`).
+
+        The assistant message is added to the history when the reply ends, also when
+        it is cancelled or interrupted (with the text produced so far). When nothing
+        could be generated (the prompt cannot be prepared: :class:`ChatError`; bad
+        settings: ValueError) the history stays as it was.
+        """
+        if self.engine is None:
+            raise ChatError("no model is loaded")
+        if not self.title:
+            self.title = " ".join(text.split())[:60]
+        self.messages.append({"role": "user", "content": text})
+        try:
+            prompt = self.engine.prepare(self.chat_messages(), template_kwargs=self.template_kwargs)
+        except BaseException:
+            self.messages.pop()
+            raise
+        content, reasoning = [], []
+        started = False
+        try:
+            for item in self.engine.generate(prompt, self.settings, cancel):
+                started = True
+                if isinstance(item, Delta):
+                    (reasoning if item.kind == "reasoning" else content).append(item.text)
+                else:
+                    self.last_stats = item
+                yield item
+        except BaseException:
+            if not started:  # nothing was generated (bad settings, ...): as if never sent
+                self.messages.pop()
+            raise
+        finally:
+            if started:
+                reply = {"role": "assistant", "content": "".join(content)}
+                if reasoning:
+                    reply["reasoning_content"] = "".join(reasoning)
+                self.messages.append(reply)
+
+    # ....................................................... persistence
+    def to_dict(self) -> dict:
+        return {
+            "format": CONVERSATION_FORMAT, "version": 1, "id": self.id, "title": self.title,
+            "system": self.system, "settings": self.settings.to_dict(),
+            "template_kwargs": self.template_kwargs, "messages": self.messages,
+        }
+
+    def load_dict(self, data: dict, source: str = "conversation") -> None:
+        """Replace this session's conversation with ``data`` (from :meth:`to_dict`)."""
+        if not isinstance(data, dict) or data.get("format") != CONVERSATION_FORMAT:
+            raise ChatError(f"{source} is not a qnext-mlx conversation file")
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant", "tool") and isinstance(m.get("content", ""), str)
+            for m in messages
+        ):
+            raise ChatError(f"{source} has a damaged message list")
+        try:
+            settings = SamplingSettings.from_dict(data.get("settings") or {})
+        except (TypeError, ValueError) as e:
+            raise ChatError(f"{source} has bad settings: {e}") from None
+        self.messages = messages
+        self.system = data.get("system") or None
+        self.settings = settings
+        self.template_kwargs = dict(data.get("template_kwargs") or {})
+        self.title = str(data.get("title") or "")
+        self.id = str(data.get("id") or self.id)
+        self.last_stats = None
+
+    def save(self, path: Union[str, os.PathLike], with_cache: bool = False) -> None:
+        """Write the conversation as JSON (atomically); ``with_cache`` also writes the
+        prompt cache holding it next to it (:func:`cache_file_for`), so :meth:`load`
+        can continue without prefilling the history again."""
+        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+        cache = self.engine.pool.latest() if (with_cache and self.engine) else None
+        if cache is not None and cache.offset:
+            cache.save(cache_file_for(path))
+
+    def load(self, path: Union[str, os.PathLike], with_cache: bool = False) -> Optional[str]:
+        """Read a conversation written by :meth:`save`. With ``with_cache``, also load
+        the prompt cache next to it when there is one; returns a note when that cache
+        could not be used (the conversation is loaded anyway)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ChatError(f"{path} does not exist") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ChatError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        self.load_dict(data, str(path))
+        cache_path = cache_file_for(path)
+        if with_cache and self.engine is not None and cache_path.exists():
+            try:
+                self.engine.pool.put(ModelCache.load(cache_path, self.engine.model))
+            except CacheError as e:
+                return f"prompt cache not used: {e}"
+        return None

@@ -1,0 +1,114 @@
+"""Test helpers for the chat surfaces (server, terminal chat, desktop app).
+
+* :func:`chat_model_folder`: the bundled demo model when its weights are there,
+  else a tiny random Qwen3-Next with the demo model's tokenizer (its Qwen3 chat
+  template with tools and thinking) next to it;
+* :class:`ScriptedModel`: a real model whose logits are overridden so that the
+  reply to a prompt is exactly the text a ``responder(prompt_text)`` returns. Only
+  the last position's logits change: the cache, the chat template, tokenization,
+  stream_generate, detokenization and parsing all run for real. Test-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / "qnext_mlx" / "demo_model"
+DEMO_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+
+
+def demo_weights_present() -> bool:
+    return (DEMO_DIR / "config.json").exists() and any(DEMO_DIR.glob("*.safetensors"))
+
+
+def chat_model_folder(hf_checkpoint) -> Path:
+    """A loadable model folder with the demo tokenizer (see the module docstring);
+    ``QNEXT_MLX_CHAT_TEST_MODEL=FOLDER`` picks another one (e.g. a real model)."""
+    if os.environ.get("QNEXT_MLX_CHAT_TEST_MODEL"):
+        return Path(os.environ["QNEXT_MLX_CHAT_TEST_MODEL"])
+    if demo_weights_present():
+        return DEMO_DIR
+    folder, _, _ = hf_checkpoint("chat_surfaces", seed=7, mtp=True, vocab_size=4096)
+    if not (folder / "tokenizer.json").exists():
+        for name in DEMO_TOKENIZER_FILES:
+            if (DEMO_DIR / name).exists():
+                shutil.copy(DEMO_DIR / name, folder / name)
+        vocab = json.loads((folder / "tokenizer.json").read_text())
+        ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+        (folder / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
+    return folder
+
+
+class ScriptedModel:
+    """``model`` with its next-token choice forced: the reply to a prompt (everything
+    up to the last ``<|im_start|>assistant\\n``) is ``responder(prompt_text)``, then EOS.
+
+    Everything else (``make_cache``, ``config``, the cache updates themselves) is the
+    real model's, so generation through it exercises the real code paths.
+    """
+
+    def __init__(self, model, tokenizer, responder: Callable[[str], str]):
+        self._model = model
+        self._tokenizer = tokenizer
+        self.responder = responder
+        self._header = list(tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False))
+        # Chat replies end with <|im_end|>, as a trained model ends them.
+        im_end = tokenizer.encode("<|im_end|>", add_special_tokens=False)
+        self._eos = im_end[0] if im_end and im_end[0] in tokenizer.eos_token_ids else sorted(tokenizer.eos_token_ids)[0]
+        self._replies: Dict[Tuple[int, ...], List[int]] = {}
+        self.prompts: List[str] = []  # the prompt texts seen, in order
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def _reply(self, prefix: Tuple[int, ...]) -> List[int]:
+        if prefix not in self._replies:
+            text = self._tokenizer.decode(list(prefix))
+            self.prompts.append(text)
+            ids = list(self._tokenizer.encode(self.responder(text), add_special_tokens=False))
+            self._replies[prefix] = ids + [self._eos]
+        return self._replies[prefix]
+
+    def __call__(self, ids, cache=None, **kwargs):
+        out = self._model(ids, cache=cache, **kwargs)
+        logits = out[0] if isinstance(out, tuple) else out  # (logits, hidden) with return_hidden
+        tokens = cache.tokens
+        h = len(self._header)
+        start = None
+        for i in range(len(tokens) - h, -1, -1):
+            if tokens[i : i + h] == self._header:
+                start = i + h
+                break
+        if start is None:  # not a chat prompt: the model's own logits
+            return out
+        reply = self._reply(tuple(tokens[:start]))
+        # Position j of this call predicts token p + 1 (p: its index in the cache's
+        # record); force every position at or after the reply's start, so a
+        # multi-token verify pass (speculative decoding) is scripted too.
+        L, vocab = logits.shape[1], logits.shape[-1]
+        first = len(tokens) - L
+        rows = []
+        for j in range(L):
+            k = first + j + 1 - start  # reply tokens before the one predicted here
+            if k < 0:
+                rows.append(logits[:, j, :])
+                continue
+            target = reply[k] if k < len(reply) else self._eos
+            rows.append(mx.where(mx.arange(vocab) == target, 0.0, -1e9).astype(logits.dtype)[None])
+        forced = mx.stack(rows, axis=1)
+        return (forced,) + tuple(out[1:]) if isinstance(out, tuple) else forced
+
+
+def last_user_text(prompt_text: str) -> str:
+    """The content of the last user turn of a ChatML prompt."""
+    turn = prompt_text.rsplit("<|im_start|>user\n", 1)[-1]
+    return turn.split("<|im_end|>", 1)[0]

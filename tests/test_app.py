@@ -1,0 +1,352 @@
+"""The desktop chat app: its core without a display, its window under Xvfb.
+
+The window tests need ``Xvfb`` (and ``xdotool`` to type like a user). When they
+are missing and the tests run as root with apt-get, they are installed
+(``apt-get install -y xvfb xdotool``; set ``QNEXT_MLX_NO_APT=1`` to forbid that);
+otherwise those tests are skipped with the reason. Set ``QNEXT_MLX_SCREENSHOT=PATH``
+to also write the end-to-end test's screenshot there (the README's
+``docs/screenshots/app.png`` is made that way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chat_helpers import ScriptedModel, chat_model_folder, last_user_text
+
+import qnext_mlx
+from qnext_mlx.app import (
+    AppSettings,
+    ConversationStore,
+    GenerationWorker,
+    app_data_dir,
+    format_indicators,
+)
+from qnext_mlx.chat_session import ChatEngine, ChatError, ChatSession, ReplyStats, SamplingSettings
+
+THINK = "<think>\nLet me think about it.\n</think>\n\nThe answer is 42."
+
+
+def responder(prompt: str) -> str:
+    user = last_user_text(prompt)
+    if user.startswith("long"):
+        return "word " * 3000
+    if user.startswith("think"):
+        return THINK
+    return f"You said {user}."
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_checkpoint):
+    return chat_model_folder(hf_checkpoint)
+
+
+@pytest.fixture
+def scripted_loader(model_dir):
+    def load_engine(model_arg):
+        model, tokenizer = qnext_mlx.load(model_dir)
+        return ChatEngine(ScriptedModel(model, tokenizer, responder), tokenizer, cache_size=3, max_context=8192), "scripted"
+    return load_engine
+
+
+# ------------------------------------------------------------- no display
+def test_app_data_folder_per_platform(tmp_path):
+    home = tmp_path
+    assert app_data_dir("darwin", {}, home) == home / "Library" / "Application Support" / "qnext-mlx"
+    assert app_data_dir("linux", {}, home) == home / ".local" / "share" / "qnext-mlx"
+    assert app_data_dir("linux", {"XDG_DATA_HOME": "/x/data"}, home) == Path("/x/data/qnext-mlx")
+    assert app_data_dir("win32", {"APPDATA": "C:/Users/a/AppData/Roaming"}, home) == \
+        Path("C:/Users/a/AppData/Roaming/qnext-mlx")
+    assert app_data_dir("darwin", {"QNEXT_MLX_APP_DIR": "/custom"}, home) == Path("/custom")
+
+
+def test_conversation_store_round_trip(tmp_path):
+    store = ConversationStore(tmp_path / "app")
+    assert store.list() == []
+    s = ChatSession(system="Be brief.", settings=SamplingSettings(temp=0.3, max_tokens=99), title="Greetings")
+    s.messages = [{"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "hello", "reasoning_content": "a greeting"}]
+    store.save(s)
+    other = ChatSession(title="Second")
+    other.messages = [{"role": "user", "content": "x"}]
+    time.sleep(0.01)
+    store.save(other)
+    assert [t for _, t in store.list()] == ["Second", "Greetings"]  # most recent first
+    back = store.load(s.id)
+    assert (back.id, back.title, back.system, back.messages) == (s.id, "Greetings", "Be brief.", s.messages)
+    assert (back.settings.temp, back.settings.max_tokens) == (0.3, 99)
+    assert not list((tmp_path / "app" / "conversations").glob(".*"))  # no temp files left
+    (tmp_path / "app" / "conversations" / "broken.json").write_text("{not json")
+    assert len(store.list()) == 2
+    with pytest.raises(ChatError):
+        store.load("broken")
+    with pytest.raises(ChatError):
+        store.path("../escape")
+    store.delete(s.id)
+    assert [t for _, t in store.list()] == ["Second"]
+
+    settings = AppSettings(model="/models/x", system="sys", sampling=SamplingSettings(top_k=5), thinking_expanded=False)
+    store.save_settings(settings)
+    assert store.load_settings().to_dict() == settings.to_dict()
+    (tmp_path / "app" / "settings.json").write_text(json.dumps({"model": 3, "sampling": {"temp": -1}}))
+    assert store.load_settings().to_dict() == AppSettings().to_dict()  # bad values: defaults
+
+
+def test_status_indicators():
+    stats = ReplyStats("stop", prompt_tokens=100, cached_tokens=80, generation_tokens=20, generation_tps=31.25,
+                       context_tokens=120, max_context=1000)
+    assert format_indicators(stats, 1000) == \
+        "31.2 tok/s  |  prompt 100 (80 cached)  |  context 120 / 1,000 (12.0%)"
+
+
+def _events_until(worker, kinds, timeout=60):
+    got = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            ev = worker.events.get(timeout=0.1)
+        except Exception:
+            continue
+        got.append(ev)
+        if ev[0] in kinds:
+            return got
+    raise AssertionError(f"no {kinds} event; got {[e[0] for e in got]}")
+
+
+def test_generation_worker_streams_stops_and_reports_errors(scripted_loader):
+    worker = GenerationWorker(scripted_loader)
+    worker.start()
+    try:
+        session = ChatSession(title="t")
+        worker.reply(session, "too early")  # no model yet: an error event, the worker lives on
+        assert _events_until(worker, {"error"})[-1][2].startswith("no model is loaded")
+        worker.load(None)
+        assert _events_until(worker, {"loaded", "load_error"})[-1] == ("loaded", "scripted", 8192)
+
+        main_thread = threading.current_thread()
+        worker.reply(session, "think about it")
+        events = _events_until(worker, {"done"})
+        deltas = [e[2] for e in events if e[0] == "delta"]
+        assert "".join(d.text for d in deltas if d.kind == "reasoning") == "Let me think about it."
+        assert "".join(d.text for d in deltas if d.kind == "content") == "The answer is 42."
+        assert events[-1][2].finish_reason == "stop" and not worker.generating.is_set()
+        assert session.messages[-1]["content"] == "The answer is 42."
+        assert threading.current_thread() is main_thread
+
+        worker.reply(session, "long story")
+        _events_until(worker, {"delta"})
+        worker.stop_reply()
+        done = _events_until(worker, {"done"})[-1][2]
+        assert done.finish_reason == "cancelled" and 0 < done.generation_tokens < 3000
+        assert session.messages[-1]["content"].startswith("word")
+    finally:
+        worker.shutdown()
+    assert not worker.is_alive()
+
+
+def test_missing_model_is_reported_not_fatal(tmp_path):
+    from qnext_mlx.chat_session import load_chat_engine
+
+    worker = GenerationWorker(lambda m: load_chat_engine(m, quiet=True))
+    worker.start()
+    try:
+        worker.load(str(tmp_path / "no-model-here"))
+        ev = _events_until(worker, {"loaded", "load_error"})[-1]
+        assert ev[0] == "load_error" and "no-model-here" in ev[1]
+    finally:
+        worker.shutdown()
+
+
+# ------------------------------------------------------------ with a display
+def _ensure_x_tools():
+    missing = [t for t in ("Xvfb", "xdotool") if shutil.which(t) is None]
+    if not missing:
+        return None
+    can_apt = shutil.which("apt-get") and os.geteuid() == 0 and not os.environ.get("QNEXT_MLX_NO_APT")
+    if can_apt:
+        cmd = ["apt-get", "install", "-y", "--no-install-recommends", "xvfb", "xdotool"]
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        ok = subprocess.run(cmd, capture_output=True, env=env, timeout=600).returncode == 0
+        if not ok:
+            subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
+            subprocess.run(cmd, capture_output=True, env=env, timeout=600)
+    missing = [t for t in ("Xvfb", "xdotool") if shutil.which(t) is None]
+    return f"{' and '.join(missing)} not installed (apt-get install xvfb xdotool)" if missing else None
+
+
+@pytest.fixture(scope="module")
+def xdisplay():
+    pytest.importorskip("tkinter", reason="this Python has no Tkinter")
+    reason = _ensure_x_tools()
+    if reason:
+        pytest.skip(reason)
+    n = next(n for n in range(91, 400) if not os.path.exists(f"/tmp/.X11-unix/X{n}") and not os.path.exists(f"/tmp/.X{n}-lock"))
+    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1000x660x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 20
+    while not os.path.exists(f"/tmp/.X11-unix/X{n}"):
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            pytest.skip("Xvfb did not start")
+        time.sleep(0.05)
+    yield f":{n}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _pump(root, cond, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        root.update()
+        if cond():
+            return True
+        time.sleep(0.01)
+    raise AssertionError("the window did not get there in time")
+
+
+def test_window_streams_a_reply_collapses_thinking_and_stops(xdisplay, scripted_loader, tmp_path):
+    import tkinter as tk
+
+    from qnext_mlx.app import ChatApp
+
+    store = ConversationStore(tmp_path / "data")
+    worker = GenerationWorker(scripted_loader)
+    worker.start()
+    worker.load(None)
+    root = tk.Tk(screenName=xdisplay)
+    app = ChatApp(root, worker, store, AppSettings())
+    try:
+        _pump(root, lambda: app.model_ready)
+        assert app.model_label.cget("text") == "Model: scripted"
+
+        # Write in the message box and click Send (typing with the keyboard is the
+        # end-to-end test's part: key events need the X input focus).
+        app.entry.insert("1.0", "think about life")
+        app.send_button.invoke()
+        seen_partial = []
+        _pump(root, lambda: seen_partial.append(app.transcript_text()) or (
+            app._stream_state is None and not worker.generating.is_set() and "42" in app.transcript_text()))
+        text = app.transcript_text()
+        assert "You\nthink about life\nAssistant\n▾ Thinking\nLet me think about it.\nThe answer is 42." in text
+        assert app.entry.get("1.0", "end-1c") == ""
+        assert "tok/s" in app.status.cget("text") and "context" in app.status.cget("text")
+        assert float(app.context_bar.cget("value")) > 0
+
+        app.toggle_thinking("think1")  # collapse: the reasoning is hidden, the answer stays
+        visible = app.transcript_text(visible_only=True)
+        assert "Let me think about it." not in visible and "The answer is 42." in visible and "▸ Thinking" in visible
+        app.toggle_thinking("think1")
+        assert "Let me think about it." in app.transcript_text(visible_only=True)
+
+        saved = store.load(app.session.id)
+        assert saved.title == "think about life" and saved.messages[-1]["content"] == "The answer is 42."
+        assert app.conv_list.get(0) == "think about life"
+
+        # The Stop button ends a long reply; the window stayed responsive all along.
+        app.entry.insert("1.0", "long story")
+        app.send_button.invoke()
+        _pump(root, lambda: "word word word" in app.transcript_text())
+        assert str(app.stop_button.cget("state")) == "normal"
+        app.stop_button.invoke()
+        _pump(root, lambda: not worker.generating.is_set() and app._stream_state is None)
+        assert "[stopped]" in app.transcript_text()
+        assert str(app.stop_button.cget("state")) == "disabled"
+
+        # A new conversation, then back to the first one from the list.
+        first = app.session.id
+        app.new_conversation()
+        assert app.transcript_text() == "" and app.conv_list.size() == 2
+        app.conv_list.selection_clear(0, "end")
+        app.conv_list.selection_set(app._list_ids.index(first))
+        app.conv_list.event_generate("<<ListboxSelect>>")
+        _pump(root, lambda: app.session.id == first)
+        assert "The answer is 42." in app.transcript_text()
+
+        # Settings: a bad value is refused in the dialog, a good one is saved.
+        from qnext_mlx.app import SettingsDialog
+
+        dialog = SettingsDialog(app)
+        dialog.vars["temp"].set("hot")
+        dialog.apply()
+        assert "not a number" in dialog.error.cget("text")
+        dialog.vars["temp"].set("0.25")
+        dialog.apply()
+        assert store.load_settings().sampling.temp == 0.25 and app.session.settings.temp == 0.25
+    finally:
+        worker.shutdown()
+        root.destroy()
+
+
+def test_app_end_to_end_typing_into_the_window_with_screenshot(xdisplay, model_dir, tmp_path):
+    """``python -m qnext_mlx.app`` on the model: type a message with the keyboard (xdotool),
+    wait for the streamed reply to be saved, take a screenshot."""
+    from PIL import Image, ImageGrab, ImageStat
+
+    data = tmp_path / "data"
+    env = dict(os.environ, DISPLAY=xdisplay)
+    proc = subprocess.Popen([sys.executable, "-m", "qnext_mlx.app", "--model", str(model_dir), "--data-dir", str(data),
+                             "--max-tokens", "120"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        found = subprocess.run(["xdotool", "search", "--sync", "--onlyvisible", "--name", "qnext-mlx chat"],
+                               env=env, capture_output=True, text=True, timeout=60)
+        window = found.stdout.split()[0]
+        subprocess.run(["xdotool", "windowmove", "--sync", window, "0", "0"], env=env, timeout=30)
+        subprocess.run(["xdotool", "windowfocus", "--sync", window], env=env, timeout=30)
+        time.sleep(1.0)  # the window's first layout
+        subprocess.run(["xdotool", "type", "--delay", "20", "Who made the heaven and the earth?"], env=env, timeout=60)
+        subprocess.run(["xdotool", "key", "Return"], env=env, timeout=30)
+
+        end = time.monotonic() + 120
+        reply = None
+        while time.monotonic() < end and reply is None:
+            for f in (data / "conversations").glob("*.json"):
+                conv = json.loads(f.read_text())
+                if conv["messages"] and conv["messages"][-1]["role"] == "assistant":
+                    reply = conv["messages"]
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+        assert reply is not None, "no reply was saved"
+        assert reply[0] == {"role": "user", "content": "Who made the heaven and the earth?"}
+        assert reply[1]["content"] or reply[1].get("reasoning_content")
+        time.sleep(0.5)  # let the last piece and the stats line paint
+
+        shot = ImageGrab.grab(xdisplay=xdisplay).convert("RGB").crop((0, 0, 980, 640))
+        assert ImageStat.Stat(shot).stddev[0] > 5  # a drawn window, not a blank screen
+        out = tmp_path / "app.png"
+        shot.quantize(colors=64).save(out, optimize=True)
+        assert out.stat().st_size < 200_000
+        assert Image.open(out).size == (980, 640)
+        if os.environ.get("QNEXT_MLX_SCREENSHOT"):
+            shutil.copy(out, os.environ["QNEXT_MLX_SCREENSHOT"])
+        subprocess.run(["xdotool", "key", "ctrl+q"], env=env, timeout=30)  # quit as a user would
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_app_cli_errors_are_one_line(capsys):
+    from qnext_mlx.app import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--max-tokens", "lots"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --max-tokens")
+    env = dict(os.environ)
+    env.pop("DISPLAY", None)
+    r = subprocess.run([sys.executable, "-m", "qnext_mlx.app", "--data-dir", "/tmp/qnext-no-display"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert r.stderr.startswith("error: cannot open a window") and "display" in r.stderr
