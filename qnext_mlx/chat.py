@@ -19,7 +19,15 @@ import sys
 import threading
 from typing import Callable, Optional, Sequence, TextIO
 
-from .chat_session import ChatEngine, ChatError, ChatSession, ReplyStats, SamplingSettings, load_chat_engine
+from .chat_session import (
+    ChatEngine,
+    ChatError,
+    ChatSession,
+    ReplyStats,
+    SamplingSettings,
+    end_mlx_thread,
+    load_chat_engine,
+)
 from .errors import QnextError
 from .generate import (
     DEFAULT_MAX_TOKENS,
@@ -251,6 +259,8 @@ def main(argv: Optional[Sequence[str]] = None, engine: Optional[ChatEngine] = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_mlx_thread()  # MLX wants its streams closed before the interpreter exits
 
 
 if __name__ == "__main__":

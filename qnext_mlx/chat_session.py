@@ -330,22 +330,6 @@ class ReplyParser:
 
 
 # -------------------------------------------------------------- cache reuse
-def reusable_tokens(cache: ModelCache, ids: Sequence[int]) -> int:
-    """How many leading tokens of ``ids`` :meth:`ModelCache.reuse` would reuse (no change to the cache)."""
-    ids = list(ids)
-    limit = len(ids) - 1
-    current = cache.tokens
-    if 0 < len(current) <= limit and ids[: len(current)] == current:
-        return len(current)
-    best = 0
-    for snap in cache.checkpoints:
-        if best < snap.offset <= limit and ids[: snap.offset] == snap.tokens:
-            best = snap.offset
-    if not cache.has_linear_state and current:
-        best = max(best, _common_prefix(current[:limit], ids[:limit]))
-    return best
-
-
 class CachePool:
     """Up to ``size`` prompt caches, most recently used last.
 
@@ -370,7 +354,7 @@ class CachePool:
         """The cache to generate ``ids`` with (it becomes the most recently used)."""
         best, best_n = None, 0
         for cache in self.caches:
-            n = reusable_tokens(cache, ids)
+            n = cache.reusable(ids)
             if n > best_n:
                 best, best_n = cache, n
         if best is None:

@@ -195,6 +195,7 @@ class ServerApp:
         self.worker.start()
         self.worker.ready.wait()
         if self.worker.load_error is not None:
+            self.worker.join()  # it ends its MLX streams first; exiting before that can abort
             raise self.worker.load_error
         self.engine: ChatEngine = self.worker.engine
 
@@ -212,6 +213,14 @@ class QnextHTTPServer(ThreadingHTTPServer):
     def __init__(self, address, app: Optional[ServerApp]):
         self.app = app
         super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that resets its connection is not a server error (no traceback)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _CLIENT_GONE + (ConnectionError,)):
+            log.debug("connection from %s closed: %s", client_address, exc)
+            return
+        log.exception("error while handling a request from %s", client_address)
 
 
 class Handler(BaseHTTPRequestHandler):

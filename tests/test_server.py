@@ -340,6 +340,7 @@ def test_full_queue_answers_503(model_dir):
             s.sendall(request)
             assert s.recv(15).startswith(b"HTTP/1.1 200")
             socks.append(s)
+            assert _wait_for(lambda: server.app.worker.busy)  # the first one has left the queue
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
         with pytest.raises(openai.APIStatusError) as info:
             c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
