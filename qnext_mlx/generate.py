@@ -33,6 +33,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 from mlx_lm.sample_utils import make_presence_penalty, make_repetition_penalty, make_sampler
 
+from . import speculative
 from .cache import ModelCache
 from .errors import ModelNotFoundError, QnextError
 from .loading import load, resolve_model_path
@@ -191,7 +192,7 @@ def generate_tokens(
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     progress: Optional[bool] = None,
     checkpoint_at: Sequence[int] = (),
-    mtp: Optional["MTPDecoding"] = None,
+    mtp: Optional[speculative.MTPDecoding] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield ``(token, logprobs [vocab])`` for up to ``max_tokens`` new tokens.
 
@@ -210,9 +211,7 @@ def generate_tokens(
     if mtp is not None:
         if sampler is not None:
             raise ValueError("MTP decoding samples from its settings (mtp.temp, ...), not from a sampler function")
-        from .speculative import speculative_generate_tokens
-
-        yield from speculative_generate_tokens(
+        yield from speculative.speculative_generate_tokens(
             model, cache, prompt, decoding=mtp, max_tokens=max_tokens, logits_processors=logits_processors,
             prefill_step_size=prefill_step_size, progress=progress, checkpoint_at=checkpoint_at,
         )
@@ -429,8 +428,6 @@ def stream_generate(
 def _mtp_decoding(model, mtp: Optional[bool], num_draft_tokens: Optional[int], sampler, temp: float,
                   top_p: float, top_k: int, min_p: float):
     """The :class:`~qnext_mlx.speculative.MTPDecoding` for :func:`stream_generate`, or None (plain decoding)."""
-    from . import speculative
-
     if num_draft_tokens is not None and not 1 <= num_draft_tokens <= speculative.MAX_DRAFT_TOKENS:
         raise ValueError(f"num_draft_tokens must be in 1..{speculative.MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
     if mtp is None:
@@ -593,10 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--hide-thinking", action="store_true", help="do not print <think>...</think> spans")
     p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
-                   help="speculative decoding with the model's MTP head (same output, faster); default: on when "
-                        "the model has one and it is faster on this backend")
-    p.add_argument("--num-draft-tokens", type=_ranged(int, 1, 4), default=None, metavar="K",
-                   help="MTP draft tokens per step, 1..4 (default 2)")
+                   help="speculative decoding with the model's MTP head (same output); default: on when the "
+                        "model has one and MTP is faster on this backend (GPU: on, CPU backend: off)")
+    p.add_argument("--num-draft-tokens", type=_ranged(int, 1, speculative.MAX_DRAFT_TOKENS), default=None,
+                   metavar="K", help=f"MTP draft tokens per step, 1..{speculative.MAX_DRAFT_TOKENS} "
+                                     f"(default {speculative.DEFAULT_NUM_DRAFT_TOKENS})")
     p.add_argument("--verbose", action="store_true", help="also print model, prompt and cache details to stderr")
     add_rope_arguments(p)
     return p

@@ -47,16 +47,16 @@ DEFAULT_PROMPT = "Write a short story about a robot who learns to paint, in abou
 
 
 def _decode(model, prompt_ids: Sequence[int], max_tokens: int, k: Optional[int], temp: float,
-            seed: int) -> Dict:
+            seed: int, top_p: float = 1.0, top_k: int = 0) -> Dict:
     """One decode run; ``k=None`` is plain decoding. Returns tokens, decode time and stats."""
     mx.random.seed(seed)
     cache = model.make_cache()
-    mtp = MTPDecoding(num_draft_tokens=k, temp=temp) if k else None
+    mtp = MTPDecoding(num_draft_tokens=k, temp=temp, top_p=top_p, top_k=top_k) if k else None
     sampler = None
     if not k and temp > 0:
         from mlx_lm.sample_utils import make_sampler
 
-        sampler = make_sampler(temp=temp)
+        sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k)
     tokens: List[int] = []
     first = first_cpu = None
     for t, _ in generate_tokens(model, cache, prompt_ids, max_tokens=max_tokens, mtp=mtp, sampler=sampler):
@@ -73,27 +73,29 @@ def _decode(model, prompt_ids: Sequence[int], max_tokens: int, k: Optional[int],
 
 
 def bench_mtp(model, prompt_ids: Sequence[int], ks: Sequence[int] = (1, 2, 3, 4), max_tokens: int = 256,
-              reps: int = 2, temp: float = 0.0, seed: int = 0, log=print) -> Dict:
+              reps: int = 2, temp: float = 0.0, seed: int = 0, log=print, top_p: float = 1.0,
+              top_k: int = 0) -> Dict:
     """tok/s of plain decoding and of MTP decoding for each K in ``ks`` (best of ``reps``).
 
     Args:
         model: a loaded qnext_mlx model with an MTP head.
         prompt_ids: the prompt's token ids.
-        temp: 0 = greedy (MTP output is checked to equal plain output).
+        temp, top_p, top_k: sampling settings; temp 0 = greedy (MTP output is then
+            checked to equal plain output).
     Returns:
         ``{"device", "prompt_tokens", "max_tokens", "plain": {"tok_s"}, "mtp": {K: {"tok_s",
         "speedup", "acceptance_rate", "mean_accepted_length"}}}``.
     """
     if not model.has_mtp:
         raise ValueError("the model has no MTP head")
-    _decode(model, prompt_ids, min(8, max_tokens), None, temp, seed)  # warm-up
+    _decode(model, prompt_ids, min(8, max_tokens), None, temp, seed, top_p, top_k)  # warm-up
     runs = {None: None}
     for k in ks:
         runs[k] = None
     best_cpu = {k: 0.0 for k in runs}
     for rep in range(reps):
         for k in runs:  # alternate, so a change of machine load hits all alike
-            r = _decode(model, prompt_ids, max_tokens, k, temp, seed)
+            r = _decode(model, prompt_ids, max_tokens, k, temp, seed, top_p, top_k)
             if runs[k] is None or r["tok_s"] > runs[k]["tok_s"]:
                 runs[k] = r
             best_cpu[k] = max(best_cpu[k], r["cpu_tok_s"])
@@ -106,6 +108,8 @@ def bench_mtp(model, prompt_ids: Sequence[int], ks: Sequence[int] = (1, 2, 3, 4)
         "prompt_tokens": len(prompt_ids),
         "max_tokens": max_tokens,
         "temp": temp,
+        "top_p": top_p,
+        "top_k": top_k,
         "plain": {"tok_s": plain["tok_s"], "cpu_tok_s": best_cpu[None]},
         "mtp": {},
     }
@@ -127,7 +131,7 @@ def bench_mtp(model, prompt_ids: Sequence[int], ks: Sequence[int] = (1, 2, 3, 4)
 def format_table(result: Dict) -> str:
     lines = [
         f"device {result['device']}, prompt {result['prompt_tokens']} tokens, "
-        f"{result['max_tokens']} generated, temp {result['temp']}",
+        f"{result['max_tokens']} generated, temp {result['temp']} top_p {result['top_p']} top_k {result['top_k']}",
         f"{'':>10} {'tok/s':>8} {'speedup':>8} {'tok/cpu-s':>10} {'speedup':>8} {'accepted':>9} {'tok/step':>9}",
         f"{'plain':>10} {result['plain']['tok_s']:>8.1f} {1.0:>8.2f} {result['plain']['cpu_tok_s']:>10.1f} "
         f"{1.0:>8.2f} {'':>9} {'':>9}",
@@ -168,13 +172,15 @@ def main(argv=None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4], help="draft counts to measure")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the result here")
     args = p.parse_args(argv)
     model, ids, what = load_for_bench(args.model, args.prompt)
     print(f"model: {what}", file=sys.stderr)
     result = bench_mtp(model, ids, args.ks, args.max_tokens, args.reps, args.temp,
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=lambda m: print(m, file=sys.stderr), top_p=args.top_p, top_k=args.top_k)
     result["model"] = what
     print(format_table(result))
     if args.json:
