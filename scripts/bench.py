@@ -3,6 +3,7 @@
 
     python scripts/bench.py                      # full run: prefill 512/2K/8K, decode
     python scripts/bench.py --quick --json OUT   # smoke run, under 5 minutes on 2 cores
+    python scripts/bench.py --mtp [--ks 1 2 3 4]    # MTP speculative vs plain decoding (scripts/bench_mtp.py)
 
 One random MLX-layout checkpoint (4-bit affine, group 64; router and
 shared-expert gates at 8 bits, as mlx-lm's ``quant_predicate`` does) is written
@@ -477,6 +478,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--mtp" in argv:  # MTP speculative vs plain decoding: the options of scripts/bench_mtp.py
+        argv.remove("--mtp")
+        import bench_mtp
+
+        return bench_mtp.main(argv)
     args = parse_args(argv)
     cfg = dict(QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
     for kv in args.set:
