@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Dict, Tuple
 
+from make_tiny_checkpoint import _parse_value  # the same --set KEY=VALUE parsing
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -154,13 +156,6 @@ def run_convert(args) -> Tuple[float, int, int]:
 def folder_stats(path: Path) -> Tuple[int, int]:
     files = list(path.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files), len(files)
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def main(argv=None) -> int:
