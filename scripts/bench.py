@@ -21,22 +21,28 @@ Measured, per engine, on MLX's default device (the CPU backend on Linux):
 - memory: the parameters' size and the transient peak above it
   (``mx.get_peak_memory`` over the engine's runs, reset before them).
 
-Timings are wall-clock, best of ``--reps`` runs, the two engines alternating
-(the machine may be shared: the process CPU time of the best run is recorded
-too, and the load average before and after). tok/s ratios are qnext_mlx / mlx-lm.
+Timings are wall-clock, best of ``--reps`` runs (one run for lengths above
+2048), the two engines alternating (the machine may be shared: the process
+CPU time of the best run is recorded too, and the load average before and
+after). tok/s ratios are qnext_mlx / mlx-lm. mlx-lm runs every CPU op on one
+thread; qnext_mlx spreads its prefill GEMMs and decode matmuls over one CPU
+stream per core (``QNEXT_CPU_LANES``; ``--lanes 1`` compares single-threaded).
+``--profile TOKENS`` instead times each component of both engines (CPU seconds
+per DeltaNet / attention / MoE block and LM head, scaled to the whole model).
 
 Configurations. The default has the real Qwen3-Next-80B-A3B layer widths
 (hidden 2048; DeltaNet 32 value / 16 key heads of 128; attention 16 query /
 2 KV heads of 256; experts of 512 with top-10 routing and a 512 shared expert)
 with 4 layers (3 DeltaNet + 1 attention), 64 experts and an 8192-token
-vocabulary. The full run takes about 1-2 hours on 2 cores (mlx-lm alone
-prefills about 4 tok/s there). ``--quick`` halves the widths (hidden 1024;
-16 value / 8 key DeltaNet heads and 8 query / 1 KV attention heads, head dims
-kept; 32 experts of 256, top-10), keeps 2 layers (1 DeltaNet + 1 attention),
-measures 512 and 2048 tokens once each and 16 decode tokens, and finishes in under 5 minutes on 2 shared cores.
-The float dtype is float32 by default: mlx-lm's fastest on the CPU backend
-(its quantized kernels run 10x+ slower with bfloat16 activations there, which
-``--dtype bfloat16`` shows; the 4-bit weights are the same either way).
+vocabulary. The full run takes about 1.5 hours on 2 cores (mlx-lm prefills
+about 4 tok/s there). ``--quick`` halves the widths (hidden 1024; 16 value /
+8 key DeltaNet heads and 8 query / 1 KV attention heads, head dims kept; 32
+experts of 256, top-10), keeps 2 layers (1 DeltaNet + 1 attention), measures
+512 and 2048 tokens once each and 16 decode tokens, and finishes in about 3
+minutes on 2 idle cores. The float dtype is float32 by default: mlx-lm's
+fastest on the CPU backend (its quantized kernels run 10x+ slower with
+bfloat16 activations there, which ``--dtype bfloat16`` shows; the 4-bit
+weights are the same either way).
 
 Outputs: ``bench_out/`` (git-ignored) by default: ``bench.json``, ``bench.png``
 (a bar chart, skipped with a message when matplotlib is missing) and the
@@ -284,7 +290,7 @@ def run(models: Dict[str, nn.Module], vocab: int, lengths: List[int], reps: int,
 
     for L in sorted(set(lengths) | {decode_prompt}):
         ids = prompt(L, vocab, seed=L)
-        for rep in range(reps):
+        for rep in range(reps if L <= 2048 else 1):
             for name in (order if rep % 2 == 0 else order[::-1]):
                 m = models[name]
                 mx.clear_cache()
@@ -428,10 +434,12 @@ def write_chart(result: Dict, path: Path) -> Optional[Path]:
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("tokens / s (higher is better)")
     cfg = result["config"]
+    n_attn = cfg["num_hidden_layers"] // cfg["full_attention_interval"]
+    m = result["machine"]
     ax.set_title(
-        f"Qwen3-Next widths, {cfg['num_hidden_layers']} layers, {cfg['num_experts']} experts "
-        f"(top-{cfg['num_experts_per_tok']}), {result['bits']}-bit, {result['dtype']}, "
-        f"MLX {result['machine']['device']}",
+        f"hidden {cfg['hidden_size']}, {cfg['num_hidden_layers'] - n_attn} DeltaNet + {n_attn} attention layers, "
+        f"{cfg['num_experts']} experts (top-{cfg['num_experts_per_tok']}), {result['bits']}-bit, {result['dtype']}\n"
+        f"MLX {m['mlx']} CPU backend, {m['cpus']} cores; qnext_mlx {m['qnext_cpu_lanes']} CPU lane(s), mlx-lm {m['mlx_lm']} one",
         fontsize=9,
     )
     ax.legend()

@@ -5,7 +5,10 @@
   with experts that receive no token;
 - ``SparseMoeBlock`` taking the grouped path for prefill and SwitchGLU for decode;
 - ``kernels.linear`` (dequantize + row-major GEMM) against ``nn.Linear`` /
-  ``nn.QuantizedLinear``, tiled and not, and the module swap the loader applies.
+  ``nn.QuantizedLinear``, tiled and not, and the module swap the loader applies;
+- ``kernels.attention`` (causal query blocks) against ``mx.fast.scaled_dot_product_attention``.
+
+Run under ``QNEXT_CPU_LANES=1`` and ``=2`` alike (the default is one lane per core).
 """
 
 from __future__ import annotations
@@ -69,8 +72,16 @@ def test_grouped_matches_switch_glu(bits, group_size, dtype, tol):
 def test_grouped_uneven_and_single_expert():
     sw = _switch(3, bits=4)
     x = mx.random.normal((33, H), key=mx.random.key(4))
-    # Every token on experts 0 and 7 only (6 experts empty), then a skewed mix.
-    for inds in (mx.array([[7, 0]] * 33, dtype=mx.uint32), _routes(33, seed=5, empty=(1, 2, 4, 6))):
+    # Every token on experts 0 and 7 only (6 experts empty); a mix without 4
+    # experts; and a skewed one where experts 2 and 6 get fewer rows than
+    # MIN_DENSE_EXPERT_ROWS (quantized kernel) and the others more (dense GEMMs).
+    skewed = [[0, 1]] * 28 + [[2, 0], [2, 1], [2, 5], [6, 0], [0, 5]]
+    assert 3 < kmoe.MIN_DENSE_EXPERT_ROWS
+    for inds in (
+        mx.array([[7, 0]] * 33, dtype=mx.uint32),
+        _routes(33, seed=5, empty=(1, 2, 4, 6)),
+        mx.array(skewed, dtype=mx.uint32),
+    ):
         _assert_close(kmoe.grouped_switch_glu(sw, x, inds), sw(x, inds), 1e-5, 1e-5)
 
 
@@ -93,8 +104,8 @@ def _block(bits=None) -> SparseMoeBlock:
 @pytest.mark.parametrize("bits", [None, 4])
 def test_moe_block_prefill_uses_grouped_path_and_matches(monkeypatch, bits):
     block = _block(bits)
-    x = mx.random.normal((1, 48, H), key=mx.random.key(8))
-    assert kmoe.use_grouped_experts(48 * K, E)
+    x = mx.random.normal((1, 80, H), key=mx.random.key(8))
+    assert kmoe.use_grouped_experts(80 * K, E)
     calls = []
     real = kmoe.grouped_switch_glu
 
@@ -107,7 +118,7 @@ def test_moe_block_prefill_uses_grouped_path_and_matches(monkeypatch, bits):
     monkeypatch.setattr(q3, "grouped_switch_glu", spy)
     got = block(x)
     assert calls, "prefill-sized input did not take the grouped path"
-    monkeypatch.setattr(kmoe, "MIN_ROWS_PER_EXPERT", 10**9)  # force SwitchGLU
+    monkeypatch.setattr(kmoe, "MIN_GROUPED_ROWS", 10**9)  # force SwitchGLU
     want = block(x)
     assert len(calls) == 1
     _assert_close(got, want, 1e-5, 1e-5)
@@ -175,3 +186,55 @@ def test_use_fast_linears_on_model_keeps_logits():
     assert n > 0
     assert all(type(m) is not nn.QuantizedLinear for _, m in model.named_modules())
     _assert_close(model(ids), want, 1e-4, 1e-4)
+
+
+# ---------------------------------------------------------------- attention
+@pytest.mark.parametrize("L,S,block", [(96, 96, 32), (80, 200, 64), (70, 70, 512)])
+def test_causal_attention_matches_fast_sdpa(L, S, block):
+    from qnext_mlx.kernels.attention import causal_attention
+
+    q = mx.random.normal((2, 8, L, 32), key=mx.random.key(20))
+    k = mx.random.normal((2, 2, S, 32), key=mx.random.key(21))
+    v = mx.random.normal((2, 2, S, 32), key=mx.random.key(22))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=32**-0.5, mask="causal")
+    got = causal_attention(q, k, v, 32**-0.5, block=block)
+    _assert_close(got, want, 1e-5, 1e-5)
+
+
+def test_attention_dispatch(monkeypatch):
+    from qnext_mlx.kernels import attention as katt
+
+    used = []
+    real = katt.causal_attention
+    monkeypatch.setattr(katt, "causal_attention", lambda *a, **kw: used.append(1) or real(*a, **kw))
+    q = mx.random.normal((1, 4, katt.MIN_ROWS, 16), key=mx.random.key(23))
+    kv = mx.random.normal((1, 2, katt.MIN_ROWS, 16), key=mx.random.key(24))
+    katt.attention(q, kv, kv, cache=None, scale=0.25, mask="causal")
+    assert used == [1]
+    katt.attention(q[:, :, :1], kv, kv, cache=None, scale=0.25, mask=None)  # decode
+    katt.attention(q, kv, kv, cache=None, scale=0.25, mask=mx.ones((katt.MIN_ROWS, katt.MIN_ROWS), dtype=mx.bool_))
+    assert used == [1]
+
+
+# -------------------------------------------------------------- CPU lanes
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_lanes_give_the_same_results(monkeypatch, lanes):
+    monkeypatch.setattr(klinear, "_cpu_lanes", lanes)
+    assert klinear.cpu_lanes() == lanes
+    # Decode: the quantized product split over output features, SwitchGLU over slots.
+    w = mx.random.normal((klinear.MIN_SPLIT_OUTPUTS + 64, 128), key=mx.random.key(30)) * 0.05
+    q, s, b = mx.quantize(w, 64, 4)
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(31))
+    want = mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4)
+    _assert_close(klinear.split_quantized_matmul(x, q, s, b, 64, 4), want, 1e-6, 1e-6)
+    sw = _switch(32, bits=4)
+    inds = _routes(1, seed=33).reshape(1, 1, K)
+    xe = mx.random.normal((1, 1, H), key=mx.random.key(34))
+    _assert_close(kmoe.switch_glu_lanes(sw, xe, inds), sw(xe, inds), 1e-6, 1e-6)
+    # Prefill: dense tiles and grouped experts spread over the lanes.
+    xp = mx.random.normal((40, 128), key=mx.random.key(35))
+    want = mx.quantized_matmul(xp, q, s, b, transpose=True, group_size=64, bits=4)
+    _assert_close(klinear.dense_matmul(xp, q, s, b), want, 1e-5, 1e-5)
+    xg = mx.random.normal((60, H), key=mx.random.key(36))
+    inds = _routes(60, seed=37)
+    _assert_close(kmoe.grouped_switch_glu(sw, xg, inds), sw(xg, inds), 1e-5, 1e-5)

@@ -43,7 +43,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import List, Optional, Tuple
+import threading
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
@@ -61,14 +62,24 @@ _MAX_CHUNKS_PER_SEGMENT = 64
 # model's layer: 32 * 128 * 128 = 2**19).
 _MIN_STATE_FOR_LANES = 2**18
 
-_LANE_STREAMS: List = []
+# Per calling thread: an MLX stream belongs to the thread that made it (using
+# another thread's stream from a generation worker thread hangs the evaluation).
+_LANE_STREAMS = threading.local()
 
 
 def _lane_streams(n: int) -> list:
-    """``n`` CPU streams (each one a worker thread in MLX), created once and reused."""
-    while len(_LANE_STREAMS) < n:
-        _LANE_STREAMS.append(mx.new_stream(mx.cpu))
-    return _LANE_STREAMS[:n]
+    """``n`` CPU streams (each one a worker thread in MLX), created once per calling thread and reused."""
+    streams = getattr(_LANE_STREAMS, "streams", None)
+    if streams is None:
+        streams = _LANE_STREAMS.streams = []
+    while len(streams) < n:
+        streams.append(mx.new_stream(mx.cpu))
+    return streams[:n]
+
+
+def forget_lane_streams() -> None:
+    """Drop this thread's lane streams (after ``mx.clear_streams()`` they are stale)."""
+    _LANE_STREAMS.streams = []
 
 
 def _default_lanes() -> int:

@@ -14,9 +14,13 @@ Why this exists (measured on the CPU backend of MLX 0.32, x86-64, one thread):
 So for inputs with many rows (prefill) it pays to dequantize the weight once
 per call, copy it to ``[in, out]`` (row-major) and run a plain GEMM: the same
 maths (the product with ``scale * q + bias``), about 2.5x faster with float32
-activations and 10x+ with bfloat16 ones. Single rows (decode) keep the
-quantized kernels, which read 8x less memory. On other devices (Metal) MLX's
-quantized kernels are the fast path and nothing changes.
+activations and 10x+ with bfloat16 ones. Rows below ``MIN_DENSE_ROWS``
+(decode, speculative verification) keep the quantized kernel, which is the
+faster one there. Both paths spread their work over the CPU lanes (one MLX
+CPU stream, i.e. one thread, per core; see :func:`cpu_lanes`): tiles of the
+dense weight, or slices of the output features of the quantized product. On
+other devices (Metal) MLX's quantized kernels are the fast path and nothing
+changes.
 
 :func:`use_fast_linears` swaps a model's ``nn.Linear`` / ``nn.QuantizedLinear``
 layers for the subclasses below (same parameters, same names), which
@@ -32,7 +36,7 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .gated_delta_chunked import _lane_streams
+from .gated_delta_chunked import _default_lanes, _lane_streams
 
 __all__ = [
     "cpu_lanes",
@@ -42,25 +46,39 @@ __all__ = [
     "FastQuantizedLinear",
     "dense_matmul",
     "dequantized",
+    "split_quantized_matmul",
     "use_dense_path",
     "use_fast_linears",
 ]
 
 # Rows (tokens) from which the dense path wins: below it the dequantize +
-# transpose of the weight (~5 ns per weight) costs more than the slower GEMM
-# saves (~0.5 ns per weight and row, float32). Measured crossover about 8-16 rows.
+# transpose of the weight (~5-10 ns per weight in tiles) costs more than the
+# faster GEMM saves (~0.55 ns per weight and row, float32). Measured crossover
+# 16-24 rows at the DeltaNet projections' shapes.
 MIN_DENSE_ROWS = 32
 
 # Weights are dequantized and transposed in tiles of at most this many
-# elements (16 MiB of float32), so a wide layer (the LM head) never holds a
-# full float copy of itself.
-_TILE_ELEMENTS = 1 << 22
+# elements (2 MiB of float32): a tile stays in cache between its dequantize,
+# its transposing copy and its GEMM (measured 15-30% faster than 16 MiB tiles
+# for 64 rows), and a wide layer (the LM head) never holds a float copy of itself.
+_TILE_ELEMENTS = 1 << 19
 
 
 # CPU streams (MLX runs each on its own thread; its CPU ops are otherwise
 # single-threaded) that the prefill GEMMs of this module and of
-# :mod:`qnext_mlx.kernels.moe` are spread over. 1: the caller's stream only.
-_cpu_lanes = max(1, int(os.environ.get("QNEXT_CPU_LANES", "1") or 1))
+# :mod:`qnext_mlx.kernels.moe` are spread over: ``QNEXT_CPU_LANES`` or one per
+# available core (at most 8). 1: the caller's stream only. The GEMMs are large
+# and independent, so lanes do not need the lock-step ties of the chunked
+# delta rule; on 2 idle cores a 2048-token prefill ran 1.55x faster with 2.
+def _lanes_from_env() -> int:
+    value = os.environ.get("QNEXT_CPU_LANES", "").strip()
+    try:
+        return max(1, int(value)) if value else _default_lanes()
+    except ValueError:
+        return _default_lanes()
+
+
+_cpu_lanes = _lanes_from_env()
 
 
 def set_cpu_lanes(n: int) -> None:
@@ -70,7 +88,7 @@ def set_cpu_lanes(n: int) -> None:
 
 
 def cpu_lanes() -> int:
-    """How many CPU streams prefill GEMMs are spread over (``QNEXT_CPU_LANES``, default 1)."""
+    """How many CPU streams prefill GEMMs are spread over (1 off the CPU device)."""
     return _cpu_lanes if mx.default_device() == mx.cpu else 1
 
 
@@ -134,6 +152,33 @@ def dense_matmul(x: mx.array, weight: mx.array, scales: Optional[mx.array] = Non
     return y.reshape(*lead, out_dims)
 
 
+# Output features from which a decode-sized quantized product is split over
+# the CPU lanes (smaller ones are not worth the cross-stream hand-offs).
+MIN_SPLIT_OUTPUTS = 1024
+
+
+def split_quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
+                           group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """``mx.quantized_matmul(x, W, transpose=True)`` with the output features
+    split over the CPU lanes (decode: the kernel is compute-bound on the CPU
+    and single-threaded). One plain call with one lane or a narrow ``W``."""
+    lanes = cpu_lanes()
+    out_dims = weight.shape[0]
+    if lanes <= 1 or out_dims < MIN_SPLIT_OUTPUTS:
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True,
+                                   group_size=group_size, bits=bits, mode=mode)
+    step = -(-out_dims // lanes)
+    parts = []
+    for ctx, o0 in zip(lane_contexts(lanes), range(0, out_dims, step)):
+        with ctx:
+            parts.append(mx.quantized_matmul(
+                x, weight[o0 : o0 + step], scales[o0 : o0 + step],
+                None if biases is None else biases[o0 : o0 + step],
+                transpose=True, group_size=group_size, bits=bits, mode=mode,
+            ))
+    return mx.concatenate(parts, axis=-1)
+
+
 class FastLinear(nn.Linear):
     """``nn.Linear`` whose prefill-sized calls on the CPU use a row-major weight copy."""
 
@@ -148,10 +193,13 @@ class FastQuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` whose prefill-sized calls on the CPU dequantize then GEMM."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.mode != "affine" or not use_dense_path(x.size // x.shape[-1]):
-            return super().__call__(x)
-        y = dense_matmul(x, self["weight"], self["scales"], self.get("biases"),
-                         self.group_size, self.bits, self.mode)
+        rows = x.size // x.shape[-1]
+        if self.mode == "affine" and use_dense_path(rows):
+            y = dense_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                             self.group_size, self.bits, self.mode)
+        else:
+            y = split_quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                                       self.group_size, self.bits, self.mode)
         return y + self["bias"] if "bias" in self else y
 
 

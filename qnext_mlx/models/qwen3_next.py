@@ -11,13 +11,13 @@ from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import ModelConfig
+from ..kernels.attention import attention
 from ..kernels.metal import gated_delta_decode
-from ..kernels.moe import grouped_switch_glu, use_grouped_experts
+from ..kernels.moe import grouped_switch_glu, switch_glu_lanes, use_grouped_experts
 from ..rope import build_rope
 
 
@@ -93,7 +93,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = attention(q, k, v, cache=cache, scale=self.scale, mask=mask)  # CPU: kernels/attention.py
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
 
@@ -206,8 +206,8 @@ class SparseMoeBlock(nn.Module):
         if use_grouped_experts(inds.size, self.gate.weight.shape[0]):
             # Prefill on the CPU: tokens grouped by expert, plain GEMMs (kernels/moe.py).
             y = grouped_switch_glu(self.switch_mlp, xe, inds)
-        else:
-            y = self.switch_mlp(xe, inds)
+        else:  # decode: gathered kernels, expert slots split over the CPU lanes
+            y = switch_glu_lanes(self.switch_mlp, xe, inds)
         y = (y * scores[..., None].astype(y.dtype)).sum(axis=-2).astype(x.dtype)
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y + shared
