@@ -39,6 +39,7 @@ from .chat_session import (
     load_chat_engine,
 )
 from .errors import QnextError
+from .rope import add_rope_arguments
 
 APP_NAME = "qnext-mlx"
 WINDOW_TITLE = "qnext-mlx chat"
@@ -672,9 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder or Hugging Face repo id (default: the last one used, "
                                    "else the bundled demo model)")
     p.add_argument("--data-dir", help=f"folder for conversations and settings (default: {app_data_dir()})")
-    p.add_argument("--max-context", type=_ranged(int, 2), default=None, help="longest conversation in tokens")
     p.add_argument("--max-tokens", type=_ranged(int, 1), default=None,
                    help="most tokens per reply (default: the saved setting, 16384 at first)")
+    # --max-context N: the longest conversation, and YaRN when N exceeds the native window
+    add_rope_arguments(p)
     return p
 
 
@@ -697,7 +699,8 @@ def main(argv: Optional[Sequence[str]] = None,
             settings.sampling.max_tokens = args.max_tokens
         if load_engine is None:
             def load_engine(model):
-                return load_chat_engine(model, quiet=True, max_context=args.max_context, cache_size=3)
+                return load_chat_engine(model, quiet=True, max_context=args.max_context, rope_args=args,
+                                        cache_size=3)
 
         try:
             root = tk.Tk(className="qnext-mlx")

@@ -38,6 +38,7 @@ from .generate import (
     _Parser,
     _ranged,
 )
+from .rope import add_rope_arguments
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 HELP = """commands:
@@ -215,8 +216,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="penalty for tokens already generated, 0..2 against repetition (default 0)")
     p.add_argument("--seed", type=_ranged(int, 0, 2**64 - 1), default=None, help="random seed")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
-    p.add_argument("--max-context", type=_ranged(int, 2), default=None,
-                   help="longest conversation in tokens (default: the model's max_position_embeddings)")
+    # --max-context N: the conversation limit, and YaRN when N exceeds the native window
+    add_rope_arguments(p)
 
 
 def settings_from_args(args) -> SamplingSettings:
@@ -241,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None, engine: Optional[ChatEngine] = No
         if engine is None:
             print("loading the model ...", file=sys.stderr, flush=True)
             engine, name = load_chat_engine(args.model, cache_size=1, kv_bits=args.kv_bits,
-                                            max_context=args.max_context)
+                                            max_context=args.max_context, rope_args=args)
         elif args.max_context:
             engine.max_context = args.max_context
         session = ChatSession(engine, system=args.system, settings=settings_from_args(args))

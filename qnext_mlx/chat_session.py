@@ -30,6 +30,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .cache import ModelCache
+from .config import ModelConfig
 from .errors import CacheError, QnextError
 from .generate import (
     DEFAULT_MAX_TOKENS,
@@ -43,6 +44,8 @@ from .generate import (
     prompt_opens_think,
     stream_generate,
 )
+from .kernels.gated_delta_chunked import forget_lane_streams
+from .rope import apply_rope_arguments, context_window
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -385,14 +388,16 @@ class CachePool:
 DEMO_MODEL_ID = "qnext-mlx-demo"
 
 
-def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, **engine_kwargs):
+def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, rope_args=None, **engine_kwargs):
     """Load ``--model`` (a folder or Hugging Face repo id; None: the bundled demo model)
     into a :class:`ChatEngine`; returns ``(engine, model_name)``.
 
     The model's arrays belong to the calling thread: call this on the thread that will
     generate. Raises :class:`QnextError` subclasses (one line) for a missing model or
-    tokenizer. ``engine_kwargs`` go to :class:`ChatEngine` (``cache_size``, ``kv_bits``,
-    ``max_context``, ...).
+    tokenizer. ``rope_args``: parsed long-context options (:func:`qnext_mlx.rope.add_rope_arguments`;
+    ``--max-context N`` is then both the conversation limit and, past the native window,
+    the YaRN factor). ``engine_kwargs`` go to :class:`ChatEngine` (``cache_size``,
+    ``kv_bits``, ``max_context``, ...).
     """
     import sys
 
@@ -409,6 +414,8 @@ def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, **
         raise ModelNotFoundError(f"{model_path} has no tokenizer files (tokenizer.json, ...); "
                                  f"add the model's tokenizer files")
     model, tokenizer = load(model_path)
+    if rope_args is not None:
+        apply_rope_arguments(rope_args, model)  # before the engine: cache fingerprints include it
     name = DEMO_MODEL_ID if is_demo else (Path(path).name if Path(path).exists() else str(path))
     return ChatEngine(model, tokenizer, **engine_kwargs), name
 
@@ -427,7 +434,9 @@ class ChatEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.pool = CachePool(model, cache_size, kv_bits, kv_group_size)
-        config_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        config = getattr(model, "config", None)
+        # The RoPE setting's window: max_position_embeddings, or factor x original under YaRN.
+        config_context = context_window(config) if isinstance(config, ModelConfig) else None
         self.max_context = max_context or config_context or 2**31 - 1
         self.prefill_step_size = prefill_step_size
 
@@ -547,6 +556,7 @@ def end_mlx_thread() -> None:
     mx.synchronize(generation_stream)
     mx.synchronize()
     mx.clear_streams()
+    forget_lane_streams()
 
 
 # ----------------------------------------------------------------- session

@@ -45,6 +45,7 @@ import numpy as np
 from . import __version__
 from .errors import CheckpointError, ConfigError, ConversionError, QnextError
 from .loading import MODEL_FILE_PATTERNS, check_weights, open_checkpoint, resolve_model_path
+from .rope import add_rope_arguments, apply_rope_arguments
 from .quant_recipes import GROUP_SIZES, QUANT_BITS, RECIPES, make_recipe
 from .models.qwen3_next import SHIFTED_NORMS
 
@@ -296,8 +297,10 @@ def output_config(
     config,
     quantization: Optional[Dict[str, Any]],
     dtype: Optional[str],
+    rope_changed: bool = False,
 ) -> Dict[str, Any]:
-    """config.json of the output: the source's keys, plus quantization, dtype and MTP count."""
+    """config.json of the output: the source's keys, plus quantization, dtype and MTP count
+    (and ``config``'s RoPE scaling in both spellings when ``rope_changed``)."""
     out = dict(source)
     out.pop("quantization_config", None)
     out.pop("_name_or_path", None)
@@ -311,6 +314,10 @@ def output_config(
     out["num_nextn_predict_layers"] = config.num_mtp_layers
     if "mtp_num_hidden_layers" in out:
         out["mtp_num_hidden_layers"] = config.num_mtp_layers
+    if rope_changed:  # --rope-* / --max-context: replace the source's scaling, whichever key held it
+        out["rope_scaling"] = config.rope_scaling
+        if "rope_parameters" in out:
+            out["rope_parameters"] = config.raw["rope_parameters"]
     # mlx-lm 0.32 reads only the top-level rope keys, not transformers 5's rope_parameters
     out.setdefault("rope_theta", config.rope_theta)
     out.setdefault("partial_rotary_factor", config.partial_rotary_factor)
@@ -442,6 +449,7 @@ def convert(
     force: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
+    rope_args: Optional[argparse.Namespace] = None,
 ) -> ConvertResult:
     """Convert (and optionally quantize) a checkpoint into an MLX model folder, streaming.
 
@@ -461,6 +469,8 @@ def convert(
         max_shard_size: output shard size (``"5GB"``, ``"200MB"`` or bytes);
             it does not change peak memory (tensors are written one by one).
         progress: progress bar and summary on stderr.
+        rope_args: parsed long-context options (:func:`qnext_mlx.rope.add_rope_arguments`):
+            the RoPE scaling written to the output's config.json.
     Returns:
         A :class:`ConvertResult`. Raises a :class:`QnextError` subclass (and
         leaves no output) when the input is missing, corrupt or inconsistent.
@@ -491,6 +501,10 @@ def convert(
     if config.quantization is not None:
         raise ConfigError(f"{src} is already quantized; convert from the unquantized (bf16) checkpoint")
     source_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    rope_changed = False
+    if rope_args is not None:
+        new_config = apply_rope_arguments(rope_args, config, log=lambda m: _log(progress, f"[convert] rope: {m}"))
+        rope_changed, config = new_config is not config, new_config
     if dtype is None:
         stored = source_config.get("dtype", source_config.get("torch_dtype"))
         dtype = stored if stored in DTYPES else None
@@ -519,7 +533,7 @@ def convert(
         index = write_shards(tensors, shards, tmp, progress=progress)
         index["metadata"]["total_parameters"] = num_params
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4), encoding="utf-8")
-        cfg_out = output_config(source_config, config, quantization, dtype)
+        cfg_out = output_config(source_config, config, quantization, dtype, rope_changed)
         (tmp / "config.json").write_text(json.dumps(cfg_out, indent=4), encoding="utf-8")
         copy_side_files(src, tmp)
         bpw = total_bytes * 8 / max(num_params, 1)
@@ -573,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help="output shard size, e.g. 5GB or 500MB (default 5GB)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_rope_arguments(p)  # written into the output's config.json
     return p
 
 
@@ -583,7 +598,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         convert(
             args.hf_path, args.mlx_path, q_bits=bits, q_group_size=args.q_group_size, dtype=args.dtype,
             recipe=args.recipe, drop_mtp=args.drop_mtp, upload_repo=args.upload_repo, force=args.force,
-            max_shard_size=args.max_shard_size, progress=not args.quiet,
+            max_shard_size=args.max_shard_size, progress=not args.quiet, rope_args=args,
         )
     except QnextError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -457,7 +457,8 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m qnext_mlx.plan`` (bad flags raise :class:`ConfigError`)."""
     p = _Parser(
         prog="python -m qnext_mlx.plan",
         description="Memory needed to run a Qwen3-Next model at a given context, and whether it fits here.",
@@ -481,6 +482,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="plan against this much memory instead of this machine's (e.g. to plan for another Mac)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_rope_arguments(p)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
     try:
         args = p.parse_args(argv)
         model_path = None

@@ -282,7 +282,8 @@ def add_rope_arguments(parser: argparse.ArgumentParser) -> None:
                     help="YaRN factor: context = F x original window (4.0 -> about 1M tokens, 2.0 -> 512K)")
     ex.add_argument("--max-context", type=_tokens, default=None, metavar="N",
                     help="tokens you need (e.g. 1000000 or 1M): picks the smallest YaRN factor, in steps of "
-                         f"{FACTOR_STEP}, that covers N, or none if N fits the native window")
+                         f"{FACTOR_STEP}, that covers N, or none if N fits the native window; chat, server "
+                         "and app also take N as the longest prompt + reply")
     g.add_argument("--original-max-position-embeddings", type=_tokens, default=None, metavar="N",
                    help="the pre-training window YaRN stretches (default: from config.json, 262144 for Qwen3-Next)")
 

@@ -67,6 +67,7 @@ from .generate import (
     _Parser,
     _ranged,
 )
+from .rope import add_rope_arguments
 from .server_protocol import (
     ApiError,
     chat_chunk,
@@ -558,8 +559,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"requests that may wait for the model; more are answered 503 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--prompt-cache-size", type=_ranged(int, 1), default=2,
                    help="conversations whose prompt cache is kept between requests (default 2)")
-    p.add_argument("--max-context", type=_ranged(int, 2), default=None,
-                   help="longest prompt + reply in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--max-request-mb", type=_ranged(float, 0, lo_open=True), default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
                    help="largest request body in MiB (default 8)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
@@ -571,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_ranged(int, 0), default=DEFAULT_TOP_K, help=f"default top_k ({DEFAULT_TOP_K})")
     p.add_argument("--min-p", type=_ranged(float, 0, 1), default=DEFAULT_MIN_P, help=f"default min_p ({DEFAULT_MIN_P:g})")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    # --max-context N: the longest prompt + reply, and YaRN when N exceeds the native window
+    add_rope_arguments(p)
     return p
 
 
@@ -581,7 +582,8 @@ def _run(args) -> int:
 
     def load_engine() -> ChatEngine:
         engine, names["model"] = load_chat_engine(args.model, cache_size=args.prompt_cache_size,
-                                                  kv_bits=args.kv_bits, max_context=args.max_context)
+                                                  kv_bits=args.kv_bits, max_context=args.max_context,
+                                                  rope_args=args)
         return engine
 
     defaults = SamplingSettings(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
