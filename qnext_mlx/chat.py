@@ -63,8 +63,10 @@ def format_stats(stats: ReplyStats) -> str:
 
 
 class _CtrlC:
-    """While generating, Ctrl-C sets a flag (the reply stops after the current token)
-    instead of raising; a second Ctrl-C raises KeyboardInterrupt as usual."""
+    """While generating, Ctrl-C sets a flag instead of raising: the reply stops after
+    the current token, or during a long prompt's prefill after the current chunk
+    (:meth:`ChatEngine.generate <qnext_mlx.chat_session.ChatEngine.generate>` checks
+    the flag between both). A second Ctrl-C raises KeyboardInterrupt as usual."""
 
     def __init__(self):
         self.flag = threading.Event()

@@ -12,7 +12,7 @@ One implementation of everything the three chat surfaces have in common:
   answer text and Qwen3 tool calls (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``);
 * :class:`ChatEngine`: runs one reply through :func:`qnext_mlx.generate.stream_generate`
   (the only generation path, so speculative decoding there applies everywhere),
-  with cancellation between tokens;
+  with cancellation between prefill chunks and between tokens;
 * :class:`ChatSession`: one conversation (history, system message, sampling
   settings), saved to / loaded from JSON.
 """
@@ -401,19 +401,14 @@ def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, ro
     """
     import sys
 
-    from .errors import ModelNotFoundError
-    from .generate import _TOKENIZER_FILES, REAL_MODEL_REPO, resolve_model_arg
-    from .loading import load, resolve_model_path
+    from .generate import REAL_MODEL_REPO, resolve_model_arg
+    from .loading import load
 
     path, is_demo = resolve_model_arg(model_arg)
     if is_demo and not quiet:
         print("note: running the bundled demo model (a tiny model for trying the tools offline). "
               f"For the real model pass --model {REAL_MODEL_REPO} or a local MLX conversion.", file=sys.stderr)
-    model_path = resolve_model_path(path)
-    if not any(next(model_path.glob(p), None) for p in _TOKENIZER_FILES):
-        raise ModelNotFoundError(f"{model_path} has no tokenizer files (tokenizer.json, ...); "
-                                 f"add the model's tokenizer files")
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(path)  # a folder without tokenizer files: ModelNotFoundError
     if rope_args is not None:
         apply_rope_arguments(rope_args, model)  # before the engine: cache fingerprints include it
     name = DEMO_MODEL_ID if is_demo else (Path(path).name if Path(path).exists() else str(path))
@@ -499,9 +494,12 @@ class ChatEngine:
         """Generate a reply to ``prompt``: yields :class:`Delta` pieces as they decode,
         then one :class:`ReplyStats`.
 
-        ``cancel()`` is checked after every token; when it returns True the reply
-        ends with finish_reason "cancelled" (the cache keeps what was generated, so
-        a follow-up still reuses it). Raises ValueError for bad settings.
+        ``cancel()`` is checked between prefill chunks (``prefill_step_size`` tokens
+        each) and after every token; when it returns True the reply ends with
+        finish_reason "cancelled". The cache keeps what was processed: the prompt and
+        the tokens generated, or, stopped during the prefill, the prompt prefix done
+        so far (no tokens generated), so a follow-up or a retry still reuses it.
+        Raises ValueError for bad settings.
         """
         settings.validate()
         max_tokens = max(1, min(settings.max_tokens, self.max_context - len(prompt.ids)))
@@ -513,17 +511,14 @@ class ChatEngine:
             top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p,
             presence_penalty=settings.presence_penalty, repetition_penalty=settings.repetition_penalty,
             seed=settings.seed, prompt_cache=cache, stop_strings=settings.stop or None,
-            checkpoint_at=prompt.checkpoint_at, progress=False, **kwargs,
+            checkpoint_at=prompt.checkpoint_at, progress=False, should_stop=cancel, **kwargs,
         )
         last, finish = None, "stop"
         try:
-            for last in stream:
+            for last in stream:  # the last response has the finish reason ("cancelled" included)
                 yield from parser.feed(last.text)
                 if last.finish_reason:
                     finish = last.finish_reason
-                elif cancel is not None and cancel():
-                    finish = "cancelled"
-                    break
         finally:  # also when our consumer stops early: end the decode loop now
             stream.close()
             # Wait for the step the pipelined decode queued ahead: no work may still be

@@ -6,7 +6,8 @@ Layers, from the bottom:
 
 * :func:`forward` / :func:`prefill` run the model over ids with a
   :class:`~qnext_mlx.cache.ModelCache`, leaving the cache consistent when
-  interrupted (Ctrl-C) or failing mid-call.
+  interrupted (Ctrl-C), failing mid-call, or stopped between prefill chunks
+  (``should_stop``: how the chat surfaces cancel a long prompt's prefill).
 * :func:`generate_tokens` is THE decode loop: it yields ``(token, logprobs)``
   one token at a time; with ``mtp=`` it hands over to the speculative loop of
   :mod:`qnext_mlx.speculative` (MTP drafts, one verify pass per step), which
@@ -36,7 +37,7 @@ from mlx_lm.sample_utils import make_presence_penalty, make_repetition_penalty, 
 from . import speculative
 from .cache import ModelCache
 from .errors import ModelNotFoundError, QnextError
-from .loading import load, resolve_model_path
+from .loading import load
 from .rope import add_rope_arguments, apply_rope_arguments
 
 # mlx-lm's generate module (the package re-exports a function under the same name)
@@ -54,6 +55,8 @@ DEFAULT_PREFILL_STEP_SIZE = 2048
 PROGRESS_MIN_TOKENS = 4096
 
 Sampler = Callable[[mx.array], mx.array]
+# () -> True to stop generating (a client went away, Ctrl-C, a Stop button)
+StopCheck = Callable[[], bool]
 # (tokens so far [N] (prompt + generated), logits [1, vocab]) -> logits [1, vocab]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -139,7 +142,8 @@ def _eval_cache(cache: ModelCache) -> None:
 
 def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DEFAULT_PREFILL_STEP_SIZE,
             progress: Optional[bool] = None,
-            on_hidden: Optional[Callable[[mx.array], None]] = None) -> None:
+            on_hidden: Optional[Callable[[mx.array], None]] = None,
+            should_stop: Optional[StopCheck] = None) -> bool:
     """Feed ``tokens`` through the model in chunks of ``step_size``, evaluating the
     cache after each (memory stays bounded by one chunk's activations).
 
@@ -148,12 +152,18 @@ def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DE
     holds exactly the chunks completed so far. ``on_hidden(h [1, chunk, hidden])``
     gets each chunk's final hidden states before the cache is evaluated (the MTP
     head's prefill, :mod:`qnext_mlx.speculative`).
+
+    ``should_stop()`` is called before each chunk (so between chunks, once the
+    previous one is evaluated): when it returns True no further chunk runs and
+    the cache holds exactly the chunks completed so far, tokens recorded, so a
+    later call can go on from there. Returns True when all ``tokens`` were
+    processed, False when stopped early.
     """
     if step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {step_size}")
     n = len(tokens)
     if n == 0:
-        return
+        return True
     show = progress if progress is not None else n > PROGRESS_MIN_TOKENS
     bar = None
     if show:
@@ -162,6 +172,8 @@ def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DE
         bar = tqdm(total=n, desc="Prefill", unit="tok", unit_scale=True, file=sys.stderr, leave=False)
     try:
         for start in range(0, n, step_size):
+            if should_stop is not None and should_stop():
+                return False
             chunk = mx.array(list(tokens[start : start + step_size]), dtype=mx.int32)[None]
             if on_hidden is None:
                 forward(model, cache, chunk)  # the logits are never evaluated, so never computed
@@ -174,6 +186,7 @@ def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DE
     finally:
         if bar is not None:
             bar.close()
+    return True
 
 
 def decode_step(model, cache: ModelCache, ids: mx.array) -> mx.array:
@@ -193,6 +206,7 @@ def generate_tokens(
     progress: Optional[bool] = None,
     checkpoint_at: Sequence[int] = (),
     mtp: Optional[speculative.MTPDecoding] = None,
+    should_stop: Optional[StopCheck] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield ``(token, logprobs [vocab])`` for up to ``max_tokens`` new tokens.
 
@@ -204,6 +218,11 @@ def generate_tokens(
     been fed to the model as well (decode is pipelined one step ahead), so when
     the loop ends the cache holds prompt + all yielded tokens.
 
+    ``should_stop()`` is checked between prefill chunks (:func:`prefill`): when it
+    returns True there, the loop ends without yielding anything and the cache holds
+    the part of the prompt processed so far (a prefix of ``prompt``, reusable).
+    Between generated tokens the caller decides (it just stops iterating).
+
     This is the one decode loop. ``mtp``: a :class:`~qnext_mlx.speculative.MTPDecoding`
     (drafts per step, sampling settings; ``sampler`` must then be None) decodes with
     MTP drafts instead, same contract (:func:`~qnext_mlx.speculative.speculative_generate_tokens`).
@@ -214,6 +233,7 @@ def generate_tokens(
         yield from speculative.speculative_generate_tokens(
             model, cache, prompt, decoding=mtp, max_tokens=max_tokens, logits_processors=logits_processors,
             prefill_step_size=prefill_step_size, progress=progress, checkpoint_at=checkpoint_at,
+            should_stop=should_stop,
         )
         return
     prompt = list(prompt)
@@ -240,7 +260,9 @@ def generate_tokens(
     with mx.stream(stream):
         for stop in sorted(set(checkpoint_at)) + [len(prompt) - 1]:
             if cache.offset < stop <= len(prompt) - 1:
-                prefill(model, cache, prompt[cache.offset : stop], prefill_step_size, progress)
+                if not prefill(model, cache, prompt[cache.offset : stop], prefill_step_size, progress,
+                               should_stop=should_stop):
+                    return
                 cache.keep_checkpoint()
     y, logprobs = step(mx.array(prompt[-1:], dtype=mx.int32), generated=False)
     mx.async_eval(y, logprobs)
@@ -320,6 +342,7 @@ def stream_generate(
     logits_processors: Optional[List[LogitsProcessor]] = None,
     mtp: Optional[bool] = None,
     num_draft_tokens: Optional[int] = None,
+    should_stop: Optional[StopCheck] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text for ``prompt``, yielding :class:`GenerationResponse` pieces as they decode.
 
@@ -345,10 +368,16 @@ def stream_generate(
             (:func:`qnext_mlx.speculative.mtp_default`).
         num_draft_tokens: MTP drafts per step, 1..4 (default
             :data:`qnext_mlx.speculative.DEFAULT_NUM_DRAFT_TOKENS`).
+        should_stop: called between prefill chunks and after every generated token
+            (when the consumer asks for the next response); True ends the generation
+            with ``finish_reason`` "cancelled". Stopped during the prefill, the one
+            response has no text, ``token`` None and ``generation_tokens`` 0, and
+            ``prompt_cache`` holds the prompt prefix processed so far (a later call
+            with the same prompt goes on from there).
 
-    Generation stops at the tokenizer's EOS tokens (not emitted), a stop string, or
-    ``max_tokens``; the last response has ``finish_reason`` "stop" or "length" and
-    the final stats.
+    Generation stops at the tokenizer's EOS tokens (not emitted), a stop string,
+    ``max_tokens`` or ``should_stop``; the last response has ``finish_reason``
+    "stop", "length" or "cancelled" and the final stats.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -375,7 +404,7 @@ def stream_generate(
     tokens = generate_tokens(model, cache, ids, max_tokens=max_tokens,
                              logits_processors=logits_processors, prefill_step_size=prefill_step_size,
                              progress=progress, checkpoint_at=checkpoint_at,
-                             sampler=None if decoding else sampler, mtp=decoding)
+                             sampler=None if decoding else sampler, mtp=decoding, should_stop=should_stop)
     pending = ""  # text held back because it may be the start of a stop string
     prompt_tps = 0.0
     n = 0
@@ -421,6 +450,15 @@ def stream_generate(
                     yield response(text, "length")
                     return
                 yield response(text, None)
+                if should_stop is not None and should_stop():
+                    detokenizer.finalize()  # text held back (stop-string prefix, partial character) goes out
+                    yield response(pending + detokenizer.last_segment, "cancelled")
+                    return
+            # generate_tokens yields at least one token unless should_stop fired during
+            # the prefill: the reply is cancelled before its first token.
+            elapsed = time.perf_counter() - tic
+            prompt_tps = (cache.offset - cached) / elapsed if elapsed > 0 else 0.0
+            yield response("", "cancelled")
         finally:
             tokens.close()
 
@@ -600,9 +638,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
-
-
 def _read_prompt(arg: str) -> str:
     if arg != "-":
         return arg
@@ -648,12 +683,7 @@ def _run(args) -> int:
             f"For the real model pass --model {REAL_MODEL_REPO} or a local MLX conversion.",
             file=sys.stderr,
         )
-    model_path = resolve_model_path(path)
-    if not any(next(model_path.glob(p), None) for p in _TOKENIZER_FILES):
-        raise ModelNotFoundError(
-            f"{model_path} has no tokenizer files (tokenizer.json, ...); add the model's tokenizer files"
-        )
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(path)  # a folder without tokenizer files: ModelNotFoundError
     apply_rope_arguments(args, model)  # before the cache: its fingerprint includes the RoPE scaling
     if args.mtp and not model.has_mtp:
         raise QnextError(f"{path} has no MTP head (no mtp.* tensors; converted without it?); drop --mtp")

@@ -32,6 +32,9 @@ _ST_DTYPE_SIZE = {
 MODEL_FILE_PATTERNS = [
     "*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "*.md",
 ]
+# A model folder's tokenizer: at least one of these (transformers 5 builds an empty
+# tokenizer from a folder without any, instead of failing).
+TOKENIZER_FILE_PATTERNS = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
 
 
 def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
@@ -250,10 +253,13 @@ def load(path_or_repo: str | os.PathLike, dtype: Optional[mx.Dtype] = None, lazy
 
     The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer,
     chat template, EOS ids from ``generation_config.json`` when present).
+    Raises :class:`ModelNotFoundError` (before reading any weights) when the
+    folder has no tokenizer files; :func:`load_model` loads the model alone.
     """
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     model_path = resolve_model_path(path_or_repo)
+    check_tokenizer_files(model_path)
     model = load_model(model_path, dtype=dtype, lazy=lazy)
     eos = _generation_eos_ids(model_path)
     try:
@@ -261,6 +267,16 @@ def load(path_or_repo: str | os.PathLike, dtype: Optional[mx.Dtype] = None, lazy
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {model_path}: {e}") from None
     return model, tokenizer
+
+
+def check_tokenizer_files(model_path: Path) -> None:
+    """Raise :class:`ModelNotFoundError` (one line) when ``model_path`` holds none of
+    :data:`TOKENIZER_FILE_PATTERNS`."""
+    if not any(next(Path(model_path).glob(p), None) for p in TOKENIZER_FILE_PATTERNS):
+        raise ModelNotFoundError(
+            f"{model_path} has no tokenizer files ({', '.join(TOKENIZER_FILE_PATTERNS)}); "
+            f"add the model's tokenizer files"
+        )
 
 
 def _generation_eos_ids(model_path: Path) -> Optional[List[int]]:

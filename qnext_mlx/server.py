@@ -17,7 +17,8 @@ How it is put together:
   each job's reply pieces to that job's own queue.
 * The request thread streams those pieces to its client. A client that goes away
   (a failed write, or a closed socket noticed while waiting) sets the job's cancel
-  flag, which the worker checks after every token (a job still waiting is skipped).
+  flag, which the worker checks between prefill chunks and after every token, so a
+  long prompt's prefill stops too (a job still waiting is skipped).
 * Prompt caches (a small pool, :class:`~qnext_mlx.chat_session.CachePool`) are kept
   across requests: a follow-up turn of a conversation only prefills the new part;
   ``usage.prompt_tokens_details.cached_tokens`` says how many prompt tokens were reused.
@@ -135,7 +136,7 @@ class Worker(threading.Thread):
                            type="server_error", code="server_busy") from None
 
     def stop(self) -> None:
-        """Stop after the current token (the running job is cancelled)."""
+        """Stop after the current token or prefill chunk (the running job is cancelled)."""
         self._stop_event.set()
         job = self.current
         if job is not None:
@@ -201,7 +202,7 @@ class ServerApp:
         self.engine: ChatEngine = self.worker.engine
 
     def close(self, join: bool = True) -> None:
-        """Stop the worker after its current token; ``join`` waits for it to end."""
+        """Stop the worker after its current token or prefill chunk; ``join`` waits for it to end."""
         self.worker.stop()
         if join and self.worker.is_alive() and self.worker is not threading.current_thread():
             self.worker.join()

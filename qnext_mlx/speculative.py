@@ -350,6 +350,7 @@ def speculative_generate_tokens(
     prefill_step_size: int = 2048,
     progress: Optional[bool] = None,
     checkpoint_at: Sequence[int] = (),
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """The MTP counterpart of :func:`qnext_mlx.generate.generate_tokens` (same
     contract): yields ``(token, logprobs [vocab])`` for up to ``max_tokens`` tokens.
@@ -359,6 +360,9 @@ def speculative_generate_tokens(
     closed) the cache holds exactly prompt + the yielded tokens. ``logprobs`` are
     the target model's normalised log-probabilities after the logits processors,
     as in plain decoding. ``decoding.stats`` counts drafts and acceptances.
+    ``should_stop`` fires between prefill chunks as there: nothing is yielded and
+    the cache (MTP part included: each chunk's pairs are fed with it) holds the
+    prompt prefix processed so far.
     """
     from .generate import _eval_cache, _mlx_generate, forward, prefill  # generate imports this module lazily
 
@@ -403,8 +407,9 @@ def speculative_generate_tokens(
     with mx.stream(stream):
         for stop in sorted(set(checkpoint_at)) + [len(prompt) - 1]:
             if cache.offset < stop <= len(prompt) - 1:
-                prefill(model, cache, prompt[cache.offset : stop], prefill_step_size, progress,
-                        on_hidden=on_prefill_hidden)
+                if not prefill(model, cache, prompt[cache.offset : stop], prefill_step_size, progress,
+                               on_hidden=on_prefill_hidden, should_stop=should_stop):
+                    return
                 cache.keep_checkpoint()
         logits, h = forward(model, cache, mx.array([prompt[-1:]], dtype=mx.int32), return_hidden=True)
         feed.add(h)

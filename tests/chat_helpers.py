@@ -7,6 +7,8 @@
   reply to a prompt is exactly the text a ``responder(prompt_text)`` returns. Only
   the last position's logits change: the cache, the chat template, tokenization,
   stream_generate, detokenization and parsing all run for real. Test-only.
+* :class:`ChunkGate`: a model proxy that counts prefill chunks and lets a test act
+  (cancel, wait) while a long prompt is being prefilled.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -112,3 +114,26 @@ def last_user_text(prompt_text: str) -> str:
     """The content of the last user turn of a ChatML prompt."""
     turn = prompt_text.rsplit("<|im_start|>user\n", 1)[-1]
     return turn.split("<|im_end|>", 1)[0]
+
+
+class ChunkGate:
+    """``model`` (any callable model, e.g. a :class:`ScriptedModel`) with its prefill
+    chunks counted: ``chunks`` counts the calls with more than one token (decode steps
+    feed one), and ``on_chunk(n)``, when given, runs before the n-th such call does
+    (counted over the proxy's lifetime), so a test can cancel or wait mid-prefill.
+    """
+
+    def __init__(self, model, on_chunk: Optional[Callable[[int], None]] = None):
+        self._model = model
+        self.on_chunk = on_chunk
+        self.chunks = 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, ids, cache=None, **kwargs):
+        if ids.shape[1] > 1:
+            self.chunks += 1
+            if self.on_chunk is not None:
+                self.on_chunk(self.chunks)
+        return self._model(ids, cache=cache, **kwargs)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from chat_helpers import ScriptedModel, chat_model_folder, last_user_text
+from chat_helpers import ChunkGate, ScriptedModel, chat_model_folder, last_user_text
 
 import qnext_mlx
 from qnext_mlx.app import (
@@ -148,6 +148,50 @@ def test_generation_worker_streams_stops_and_reports_errors(scripted_loader):
         done = _events_until(worker, {"done"})[-1][2]
         assert done.finish_reason == "cancelled" and 0 < done.generation_tokens < 3000
         assert session.messages[-1]["content"].startswith("word")
+    finally:
+        worker.shutdown()
+    assert not worker.is_alive()
+
+
+def test_stop_during_a_long_prompt_stops_its_prefill(model_dir):
+    step = 8
+    in_prefill, pressed = threading.Event(), threading.Event()
+    gate = {}
+
+    def on_chunk(n):
+        if n == 1:  # the first chunk waits here until Stop was pressed
+            in_prefill.set()
+            assert pressed.wait(30)
+
+    def load_engine(model_arg):
+        model, tokenizer = qnext_mlx.load(model_dir)
+        gate["model"] = ChunkGate(ScriptedModel(model, tokenizer, responder), on_chunk)
+        return ChatEngine(gate["model"], tokenizer, max_context=8192, prefill_step_size=step), "scripted"
+
+    worker = GenerationWorker(load_engine)
+    worker.start()
+    try:
+        worker.load(None)
+        assert _events_until(worker, {"loaded", "load_error"})[-1][0] == "loaded"
+        session = ChatSession(title="t")
+        long_text = "summarize: " + "the quick brown fox jumps over the lazy dog " * 12
+        worker.reply(session, long_text)
+        assert in_prefill.wait(30)
+        worker.stop_reply()  # what the Stop button does
+        pressed.set()
+        events = _events_until(worker, {"done", "error"})
+        assert [e[0] for e in events] == ["done"]  # no delta: stopped before the first token
+        done = events[0][2]
+        assert done.finish_reason == "cancelled" and done.generation_tokens == 0
+        assert gate["model"].chunks == 1 and done.prompt_tokens > 10 * step  # no chunk ran after Stop
+        assert done.context_tokens == step and not worker.generating.is_set()
+        assert session.messages[0] == {"role": "user", "content": long_text}
+
+        # The conversation goes on; the next turn reuses the prefix the stopped one processed.
+        worker.reply(session, "hello")
+        events = _events_until(worker, {"done", "error"})
+        assert "".join(e[2].text for e in events if e[0] == "delta") == "You said hello."
+        assert events[-1][2].finish_reason == "stop" and events[-1][2].cached_tokens == step
     finally:
         worker.shutdown()
     assert not worker.is_alive()

@@ -41,6 +41,35 @@ sys.exit(chat.main(sys.argv[1:], engine=engine))
 """
 
 
+# A scripted chat prefilling in 8-token chunks whose first chunk says "[prefilling]" and
+# then waits until Ctrl-C was pressed (chat's Ctrl-C catcher has set its flag), so the
+# Ctrl-C lands mid-prefill every time.
+SLOW_PREFILL_CHAT = """
+import signal, sys, time
+sys.path.insert(0, {tests!r})
+import qnext_mlx
+from chat_helpers import ChunkGate, ScriptedModel, last_user_text
+from qnext_mlx import chat
+from qnext_mlx.chat_session import ChatEngine
+
+def ctrl_c_pressed():
+    catcher = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+    return catcher is not None and catcher.flag.is_set()
+
+def on_chunk(n):
+    if n == 1:
+        print("[prefilling]", flush=True)
+        end = time.monotonic() + 30
+        while not ctrl_c_pressed() and time.monotonic() < end:
+            time.sleep(0.01)
+
+model, tokenizer = qnext_mlx.load({model!r})
+scripted = ScriptedModel(model, tokenizer, lambda p: "You said " + last_user_text(p)[:20] + ".")
+engine = ChatEngine(ChunkGate(scripted, on_chunk), tokenizer, cache_size=1, max_context=4096, prefill_step_size=8)
+sys.exit(chat.main(sys.argv[1:], engine=engine))
+"""
+
+
 class Terminal:
     """A child process on a pseudo-terminal (it is the controlling terminal, so
     Ctrl-C typed as ``\\x03`` becomes SIGINT, as in a real shell)."""
@@ -186,6 +215,30 @@ def test_scripted_chat_session_through_a_terminal(model_dir, tmp_path):
         term.read_until(r"error: .*missing\.json does not exist")
 
         term.press("\x04")  # Ctrl-D leaves
+        assert term.wait() == 0
+    finally:
+        term.close()
+
+
+def test_ctrl_c_during_a_long_prompt_stops_the_prefill(model_dir):
+    code = SLOW_PREFILL_CHAT.format(tests=str(ROOT / "tests"), model=str(model_dir))
+    term = Terminal([sys.executable, "-c", code, "--color", "never"])
+    try:
+        term.read_until(r">>> ")
+        term.type("hello " + "the quick brown fox jumps over the lazy dog " * 12)
+        term.read_until(r"\[prefilling\]")
+        term.press("\x03")
+        m = term.read_until(r"\[(\d+) tokens, [\d.]+ tok/s \| prompt (\d+) tokens \((\d+) cached\)"
+                            r".*\| context (\d+)/4096 \| stopped\]")
+        generated, prompt, cached, context = map(int, m.groups())
+        # Stopped right after the first 8-token chunk of a prompt of more than 10; nothing generated.
+        assert (generated, cached, context) == (0, 0, 8) and prompt > 10 * 8
+        # The chat goes on: the next reply is right, and reuses the part already processed.
+        term.type("next")
+        term.read_until(r"You said next\.")
+        _, _, _, cached2 = _stats(term)
+        assert cached2 == context
+        term.type("/quit")
         assert term.wait() == 0
     finally:
         term.close()

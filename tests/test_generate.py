@@ -188,6 +188,101 @@ def test_interrupt_inside_the_model_restores_the_cache(model, tokenizer, monkeyp
     assert all(a is b for a, b in zip(cache[0].cache, before.layers[0][1]))
 
 
+# ------------------------------------------------------ stopping (cancel)
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+STEP = 8
+
+
+def stop_after_chunks(counting, n):
+    """A ``should_stop`` that fires once ``counting`` has seen ``n`` model calls."""
+    return lambda: len(counting.calls) >= n
+
+
+def test_prefill_should_stop_between_chunks_keeps_a_resumable_prefix(model, tokenizer):
+    ids = prompt_ids(tokenizer, LONG_PROMPT)
+    assert len(ids) > 10 * STEP
+    counting = Counting(model)
+    cache = model.make_cache()
+    assert gen.prefill(counting, cache, ids, step_size=STEP, should_stop=stop_after_chunks(counting, 2)) is False
+    assert counting.calls == [STEP, STEP]  # no chunk ran after the stop
+    assert cache.offset == 2 * STEP and cache.tokens == ids[: 2 * STEP]
+    # Going on from there gives exactly the state of a prefill that was never stopped.
+    assert gen.prefill(model, cache, ids[2 * STEP :], step_size=STEP) is True
+    ref = model.make_cache()
+    assert gen.prefill(model, ref, ids, step_size=STEP, should_stop=lambda: False) is True
+    nxt = mx.array([ids[0]], dtype=mx.int32)
+    a, b = gen.decode_step(model, cache, nxt), gen.decode_step(model, ref, nxt)
+    assert np.array_equal(np.array(a), np.array(b))
+
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_stream_generate_cancelled_during_prefill(model, tokenizer, mtp):
+    ids = prompt_ids(tokenizer, LONG_PROMPT)
+    needed = -(-(len(ids) - 1) // STEP)  # prefill chunks the prompt needs
+    counting = Counting(model)
+    cache = model.make_cache()
+    kw = dict(temp=0, max_tokens=6, prefill_step_size=STEP, mtp=mtp)
+    out = list(stream_generate(counting, tokenizer, ids, prompt_cache=cache,
+                               should_stop=stop_after_chunks(counting, 2), **kw))
+    assert len(out) == 1
+    r = out[0]
+    assert (r.finish_reason, r.text, r.token, r.generation_tokens) == ("cancelled", "", None, 0)
+    assert r.prompt_tokens == len(ids) and r.cached_tokens == 0
+    assert counting.calls == [STEP, STEP] and needed > 2  # stopped at once, well before the end
+    assert cache.offset == 2 * STEP and cache.tokens == ids[: 2 * STEP]
+    if mtp:  # the MTP head's cache got the pairs of the processed chunks, no more
+        assert cache.mtp[0].offset == 2 * STEP
+    # The same request again goes on from the prefix and gives what a fresh cache gives.
+    resumed = list(stream_generate(model, tokenizer, ids, prompt_cache=cache, **kw))
+    fresh = list(stream_generate(model, tokenizer, ids, **kw))
+    assert resumed[-1].cached_tokens == 2 * STEP
+    assert [x.token for x in resumed] == [x.token for x in fresh]
+    for x, y in zip(resumed, fresh):
+        assert np.array_equal(np.array(x.logprobs), np.array(y.logprobs))
+    assert cache.tokens == ids + [x.token for x in resumed]
+
+
+def test_stream_generate_cancelled_between_tokens(model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    full = list(stream_generate(model, tokenizer, ids, temp=0, max_tokens=8, mtp=False))
+    assert len(full) == 8
+    seen = []
+    cache = model.make_cache()
+    out = []
+    for r in stream_generate(model, tokenizer, ids, temp=0, max_tokens=8, prompt_cache=cache, mtp=False,
+                             should_stop=lambda: len(seen) >= 3):
+        seen.append(r)
+        out.append(r)
+    assert [r.finish_reason for r in out] == [None, None, None, "cancelled"]
+    assert out[-1].generation_tokens == 3 and out[-1].token == full[2].token
+    assert "".join(r.text for r in out) == tokenizer.decode([r.token for r in full[:3]])
+    assert cache.tokens == ids + [r.token for r in full[:3]]
+
+
+def test_chat_engine_cancelled_during_prefill_then_same_reply_as_a_fresh_engine(model, tokenizer):
+    from qnext_mlx.chat_session import ChatEngine, ReplyStats, SamplingSettings
+
+    counting = Counting(model)
+    engine = ChatEngine(counting, tokenizer, prefill_step_size=STEP)
+    prompt = engine.prepare([{"role": "user", "content": LONG_PROMPT}])
+    settings = SamplingSettings(temp=0.0, max_tokens=6)
+    items = list(engine.generate(prompt, settings, cancel=stop_after_chunks(counting, 3)))
+    assert len(items) == 1 and isinstance(items[0], ReplyStats)  # no text: stopped before the first token
+    stats = items[0]
+    assert (stats.finish_reason, stats.generation_tokens, stats.context_tokens) == ("cancelled", 0, 3 * STEP)
+    assert counting.calls == [STEP] * 3 and len(prompt.ids) > 10 * STEP
+
+    def reply(eng):
+        items = list(eng.generate(prompt, settings))
+        return "".join(i.text for i in items[:-1]), items[-1]
+
+    again, again_stats = reply(engine)
+    fresh, fresh_stats = reply(ChatEngine(model, tokenizer, prefill_step_size=STEP))
+    assert again == fresh and again_stats.generation_tokens == fresh_stats.generation_tokens
+    assert again_stats.cached_tokens == 3 * STEP and fresh_stats.cached_tokens == 0
+    assert again_stats.finish_reason == fresh_stats.finish_reason != "cancelled"
+
+
 def test_prefill_progress_bar_on_stderr(model, capsys):
     cache = model.make_cache()
     gen.prefill(model, cache, list(range(40)), step_size=16, progress=True)

@@ -156,3 +156,35 @@ def test_loading_is_lazy(ckpt):
     assert grown < 0.2 * size, f"loading read {grown / 1e6:.0f} MB of a {size / 1e6:.0f} MB checkpoint"
     logits = model(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 3, big * 16)
+
+
+def test_load_without_tokenizer_files_fails_naming_the_folder(ckpt, chat_model_dir, capsys, monkeypatch):
+    from qnext_mlx import generate as gen
+    from qnext_mlx import loading
+    from qnext_mlx.chat_session import load_chat_engine
+
+    assert not [p.name for p in ckpt.iterdir() if "tokenizer" in p.name or p.name == "vocab.json"]
+    read = []
+    original = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: read.append(a) or original(*a, **k))
+    with pytest.raises(ModelNotFoundError) as info:
+        qnext_mlx.load(ckpt)
+    message = str(info.value)
+    assert str(ckpt) in message and "has no tokenizer files" in message and "\n" not in message
+    assert read == []  # it fails before reading any weights
+    # The callers rely on it: the chat surfaces and the generate CLI (one line, exit 2).
+    with pytest.raises(ModelNotFoundError, match="has no tokenizer files"):
+        load_chat_engine(str(ckpt), quiet=True)
+    capsys.readouterr()
+    assert gen.main(["--model", str(ckpt), "--prompt", "hi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {message}\n"
+
+    # Any one tokenizer file will do; with the tokenizer there, load() works.
+    (ckpt / "vocab.json").write_text("{}")
+    loading.check_tokenizer_files(ckpt)
+    (ckpt / "vocab.json").unlink()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(chat_model_dir / name, ckpt / name)
+    model, tokenizer = qnext_mlx.load(ckpt)
+    assert read and tokenizer.encode("hi")

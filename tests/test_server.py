@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from chat_helpers import ScriptedModel, chat_model_folder, last_user_text
+from chat_helpers import ChunkGate, ScriptedModel, chat_model_folder, last_user_text
 
 openai = pytest.importorskip("openai")
 
@@ -61,14 +61,16 @@ def responder(prompt: str) -> str:
     return DEFAULT_REPLY
 
 
-def _start(model_dir, **kwargs):
+def _start(model_dir, wrap=None, engine_kwargs=None, **kwargs):
+    """A server on a scripted model; ``wrap(model)`` may put a proxy around it."""
     holder = {}
 
     def load_engine():
         model, tokenizer = qnext_mlx.load(model_dir)
         holder["scripted"] = ScriptedModel(model, tokenizer, responder)
         holder["tokenizer"] = tokenizer
-        return ChatEngine(holder["scripted"], tokenizer, max_context=MAX_CONTEXT)
+        served_model = wrap(holder["scripted"]) if wrap else holder["scripted"]
+        return ChatEngine(served_model, tokenizer, max_context=MAX_CONTEXT, **(engine_kwargs or {}))
 
     server = start_in_thread(load_engine, "qnext-test", max_request_bytes=MAX_REQUEST_BYTES, **kwargs)
     return server, holder
@@ -325,6 +327,51 @@ def test_client_disconnect_stops_generation(client, served):
     assert stats.generation_tokens < MAX_CONTEXT - stats.prompt_tokens  # stopped well before the end
     r = client.chat.completions.create(model="qnext-test", messages=[{"role": "user", "content": "echo:still here"}])
     assert r.choices[0].message.content == "You said still here."
+
+
+def test_client_disconnect_during_prefill_frees_the_worker(model_dir):
+    step = 8
+    first_chunk = threading.Event()
+    gate = {}
+
+    def on_chunk(n):
+        if n == 1:  # the first chunk waits here until the server has noticed the client left
+            first_chunk.set()
+            assert server.app.worker.current.cancel.wait(30)
+
+    def wrap(model):
+        gate["model"] = ChunkGate(model, on_chunk)
+        return gate["model"]
+
+    server, _ = _start(model_dir, wrap=wrap, engine_kwargs={"prefill_step_size": step})
+    try:
+        worker = server.app.worker
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="EMPTY",
+                          max_retries=0, timeout=60)
+        long_prompt = "long " + "the quick brown fox jumps over the lazy dog " * 12
+        stream = c.chat.completions.create(model="m", stream=True,
+                                           messages=[{"role": "user", "content": long_prompt}])
+        assert first_chunk.wait(30)
+        t0 = time.monotonic()
+        stream.close()  # hang up while the prompt is being prefilled
+        assert _wait_for(lambda: worker.completed == 1 and not worker.busy)
+        stopped_after = time.monotonic() - t0
+        stats = worker.last_stats
+        needed = -(-(stats.prompt_tokens - 1) // step)
+        assert stats.finish_reason == "cancelled" and stats.generation_tokens == 0
+        assert gate["model"].chunks == 1 and needed > 10  # no chunk ran after the cancel
+        assert stats.context_tokens == step  # the cache holds exactly the processed prefix
+        assert stopped_after < 10
+        # The worker is free: the next request is served, with the right reply.
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "echo:still here"}])
+        assert r.choices[0].message.content == "You said still here."
+        # ... and the same long prompt again goes on from the prefix the cancelled one left.
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": long_prompt}],
+                                      max_tokens=5)
+        assert r.usage.prompt_tokens_details.cached_tokens == step
+        assert r.choices[0].message.content.startswith("word word") and r.choices[0].finish_reason == "length"
+    finally:
+        stop_server(server)
 
 
 def test_full_queue_answers_503(model_dir):
