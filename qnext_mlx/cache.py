@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
+from .atomic import atomic_path
 from .errors import CacheError
 
 CACHE_FORMAT = "qnext-mlx-prompt-cache"
@@ -426,16 +427,11 @@ class ModelCache(list):
             ),
         }
         meta.update(metadata or {})
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
         try:
-            mx.save_safetensors(str(tmp), arrays, metadata=meta)
-            os.replace(tmp, path)
+            with atomic_path(path, ".safetensors") as tmp:
+                mx.save_safetensors(str(tmp), arrays, metadata=meta)
         except OSError as e:
             raise CacheError(f"cannot write prompt cache {path}: {e.strerror or e}") from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "ModelCache":

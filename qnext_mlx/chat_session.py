@@ -29,6 +29,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .atomic import atomic_path
 from .cache import ModelCache
 from .config import ModelConfig
 from .errors import CacheError, QnextError
@@ -557,16 +558,11 @@ def end_mlx_thread() -> None:
 # ----------------------------------------------------------------- session
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     except OSError as e:
         raise ChatError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def cache_file_for(path: Union[str, os.PathLike]) -> Path:
