@@ -1,5 +1,7 @@
 """Compute kernels: backend-neutral MLX references and the fast paths checked against them."""
 
+from importlib import import_module
+
 from .gated_delta import (
     compute_decay_beta,
     gated_delta,
@@ -8,6 +10,10 @@ from .gated_delta import (
     normalize_qk,
 )
 from .gated_delta_chunked import gated_delta_chunked
+
+# Importing metal_moe registers the "moe_decode" kernel with metal.kernel_status
+# (the doctor's list) whichever module is imported first.
+import_module(".metal_moe", __name__)
 
 __all__ = [
     "compute_decay_beta",

@@ -1,4 +1,6 @@
-"""Metal kernels for the Gated DeltaNet, self-verified against the MLX reference.
+"""Metal kernels for the Gated DeltaNet, self-verified against the MLX reference,
+and the machinery every Metal kernel wrapper shares (kernel objects, verification,
+status; :mod:`qnext_mlx.kernels.metal_moe` builds on it).
 
 The kernel bodies live in ``qnext_mlx/kernels/metal_src/*.metal`` (shipped as
 package data): text above a ``// @body`` line is the ``header`` and text below
@@ -12,7 +14,9 @@ On a Mac the first call with a new configuration (dtype, head sizes, conv
 width, head ratio) first runs the kernel on a small random input and compares
 it with the reference; on a mismatch it logs a warning and that configuration
 uses the reference path from then on. :func:`kernel_status` reports what
-happened (for ``python -m qnext_mlx.doctor``).
+happened (for ``python -m qnext_mlx.doctor``) for every kernel registered with
+:func:`register_kernel`; a wrapper that also keeps its kernel only when it is
+faster records that decision with :func:`decide_once`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,11 +33,15 @@ from .gated_delta import compute_decay_beta, gated_delta, gated_delta_recurrent,
 
 __all__ = [
     "MAX_DECODE_T",
+    "KernelCheck",
+    "compare_outputs",
+    "decide_once",
     "gated_delta_decode",
     "gated_delta_decode_reference",
     "gated_delta_prefill",
     "kernel_status",
     "load_kernel_source",
+    "register_kernel",
     "verify_kernel",
 ]
 
@@ -358,14 +366,37 @@ def gated_delta_prefill(
 # Verification and status
 # ---------------------------------------------------------------------------
 
-# kernel name -> {config: (ok, max error, detail)}
-_VERIFIED: Dict[str, Dict[Tuple, Tuple[bool, float, str]]] = {}
-_KNOWN_KERNELS = ("gdn_decode", "gdn_prefill")
-# Configuration verified when none is given: the model's per-head sizes in float32.
-_DEFAULT_CONFIGS = {
-    "gdn_decode": (str(mx.float32), str(mx.float32), 128, 128, 4, 2),
-    "gdn_prefill": (str(mx.float32), 128, 128, 2),
-}
+class KernelCheck(NamedTuple):
+    """What was decided for one kernel configuration (an entry of ``kernel_status``)."""
+
+    ok: bool  # the kernel is used for this configuration
+    max_error: float  # max relative error against the reference (inf: it failed to run)
+    detail: str  # why, for the status line (errors, tolerance, timings)
+    note: str = ""  # shown even when ok (e.g. the timings that chose the kernel)
+
+
+Verifier = Callable[[KernelFactory, Optional[Tuple]], Tuple[bool, float, str]]
+
+# kernel name -> {config: KernelCheck}
+_VERIFIED: Dict[str, Dict[Tuple, KernelCheck]] = {}
+# kernel name -> verifier(factory, config) -> (ok, max relative error, detail); filled by register_kernel
+_VERIFIERS: Dict[str, Verifier] = {}
+_KNOWN_KERNELS: List[str] = []
+# Configuration verified when none is given (the doctor, verify_kernel without a config).
+_DEFAULT_CONFIGS: Dict[str, Tuple] = {}
+
+
+def register_kernel(name: str, verifier: Verifier, default_config: Tuple) -> None:
+    """Make kernel ``name`` known to :func:`verify_kernel` and :func:`kernel_status`.
+
+    ``verifier(factory, config)`` runs the kernel through ``factory`` on a small
+    input for ``config`` (``None``: ``default_config``) and returns
+    ``(ok, max relative error, detail)``; it must not raise for kernel failures.
+    """
+    _VERIFIERS[name] = verifier
+    _DEFAULT_CONFIGS[name] = default_config
+    if name not in _KNOWN_KERNELS:
+        _KNOWN_KERNELS.append(name)
 
 
 def _metal_available() -> bool:
@@ -422,55 +453,85 @@ def _dtype(name: str) -> Any:
     return getattr(mx, name.rsplit(".", 1)[-1])
 
 
-def verify_kernel(name: str, factory: KernelFactory, config: Optional[Tuple] = None) -> Tuple[bool, float, str]:
-    """Run kernel ``name`` through ``factory`` on a small input and compare with the reference.
-
-    ``config``: for ``"gdn_decode"`` ``(dtype, weight dtype, Dk, Dv, K, Hv/Hk)``
-    (default float32, float32, 128, 128, 4, 2; the per-token states are checked
-    too); for ``"gdn_prefill"`` ``(dtype, Dk, Dv, Hv/Hk)`` (default float32,
-    128, 128, 2). Dtypes are written as ``str(mx.float32)``.
-    Returns ``(ok, max relative error, detail)``.
-    """
-    if name not in _KNOWN_KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; known: {', '.join(_KNOWN_KERNELS)}")
+def _verify_gdn_decode(factory: KernelFactory, config: Optional[Tuple]) -> Tuple[bool, float, str]:
+    """Verifier of ``gdn_decode``: ``config`` ``(dtype, weight dtype, Dk, Dv, K, Hv/Hk)``; the
+    per-token states are checked too."""
+    dt, wdt, Dk, Dv, K, ratio = config or _DEFAULT_CONFIGS["gdn_decode"]
+    dtype = _dtype(dt)
     try:
-        if name == "gdn_decode":
-            dt, wdt, Dk, Dv, K, ratio = config or _DEFAULT_CONFIGS[name]
-            dtype = _dtype(dt)
-            args, kw = _decode_inputs(dtype, _dtype(wdt), Dk, Dv, K, ratio)
-            names = ["y", "conv_state", "state", "states"]
-            got = run_gdn_decode_kernel(factory, *args, return_all_states=True, **kw)
-            ref = gated_delta_decode_reference(*args, return_all_states=True, **kw)
-        else:
-            dt, Dk, Dv, ratio = config or _DEFAULT_CONFIGS[name]
-            dtype = _dtype(dt)
-            args = _prefill_inputs(dtype, Dk, Dv, ratio)
-            names = ["y", "state"]
-            got = run_gdn_prefill_kernel(factory, *args)
-            ref = gated_delta_recurrent(*args)
+        args, kw = _decode_inputs(dtype, _dtype(wdt), Dk, Dv, K, ratio)
+        got = run_gdn_decode_kernel(factory, *args, return_all_states=True, **kw)
+        ref = gated_delta_decode_reference(*args, return_all_states=True, **kw)
         mx.eval(got)
     except Exception as e:  # a compile or launch failure on the device
         return False, float("inf"), f"kernel failed to run: {type(e).__name__}: {e}"
     # 16-bit inputs: the conv output is rounded to 16 bits in both paths, but
     # not always to the same neighbour (and y is a 16-bit value), so allow a
     # few 16-bit ulps.
-    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    return compare_outputs(["y", "conv_state", "state", "states"], got, ref, 1e-4 if dtype == mx.float32 else 3e-2)
+
+
+def _verify_gdn_prefill(factory: KernelFactory, config: Optional[Tuple]) -> Tuple[bool, float, str]:
+    """Verifier of ``gdn_prefill``: ``config`` ``(dtype, Dk, Dv, Hv/Hk)``."""
+    dt, Dk, Dv, ratio = config or _DEFAULT_CONFIGS["gdn_prefill"]
+    dtype = _dtype(dt)
+    try:
+        args = _prefill_inputs(dtype, Dk, Dv, ratio)
+        got = run_gdn_prefill_kernel(factory, *args)
+        ref = gated_delta_recurrent(*args)
+        mx.eval(got)
+    except Exception as e:  # a compile or launch failure on the device
+        return False, float("inf"), f"kernel failed to run: {type(e).__name__}: {e}"
+    return compare_outputs(["y", "state"], got, ref, 1e-4 if dtype == mx.float32 else 3e-2)
+
+
+def compare_outputs(names: Sequence[str], got: Sequence[mx.array], ref: Sequence[mx.array],
+                    tol: float) -> Tuple[bool, float, str]:
+    """``(ok, worst relative error, detail)`` of kernel outputs against the reference's
+    (relative to each reference's max magnitude; NaN fails)."""
     errs = {n: _max_rel_err(g, r) for n, g, r in zip(names, got, ref)}
     worst = max(errs.values())
-    ok = worst <= tol and all(e == e for e in errs.values())  # NaN fails
+    ok = worst <= tol and all(e == e for e in errs.values())
     detail = ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tolerance {tol:.0e})"
     return ok, worst, detail
 
 
-def _verified(name: str, config: Tuple, factory: KernelFactory) -> bool:
+register_kernel("gdn_decode", _verify_gdn_decode, (str(mx.float32), str(mx.float32), 128, 128, 4, 2))
+register_kernel("gdn_prefill", _verify_gdn_prefill, (str(mx.float32), 128, 128, 2))
+
+
+def verify_kernel(name: str, factory: KernelFactory, config: Optional[Tuple] = None) -> Tuple[bool, float, str]:
+    """Run kernel ``name`` through ``factory`` on a small input and compare with the reference.
+
+    ``config``: for ``"gdn_decode"`` ``(dtype, weight dtype, Dk, Dv, K, Hv/Hk)``
+    (default float32, float32, 128, 128, 4, 2; the per-token states are checked
+    too); for ``"gdn_prefill"`` ``(dtype, Dk, Dv, Hv/Hk)`` (default float32,
+    128, 128, 2); for ``"moe_decode"`` see :mod:`qnext_mlx.kernels.metal_moe`.
+    Dtypes are written as ``str(mx.float32)``.
+    Returns ``(ok, max relative error, detail)``.
+    """
+    if name not in _VERIFIERS:
+        raise ValueError(f"unknown kernel {name!r}; known: {', '.join(_KNOWN_KERNELS)}")
+    return _VERIFIERS[name](factory, config)
+
+
+def decide_once(name: str, config: Tuple, decide: Callable[[], KernelCheck]) -> KernelCheck:
+    """The decision recorded for kernel ``name`` and ``config``, made by ``decide()`` the first time."""
     results = _VERIFIED.setdefault(name, {})
     if config not in results:
+        results[config] = decide()
+    return results[config]
+
+
+def _verified(name: str, config: Tuple, factory: KernelFactory) -> bool:
+    def check() -> KernelCheck:
         ok, err, detail = verify_kernel(name, factory, config)
-        results[config] = (ok, err, detail)
         if not ok:
             logger.warning("Metal kernel %s %s disagrees with the reference (%s); using the reference path",
                            name, config, detail)
-    return results[config][0]
+        return KernelCheck(ok, err, detail)
+
+    return decide_once(name, config, check).ok
 
 
 def kernel_status(verify: bool = False) -> Dict[str, Dict[str, Any]]:
@@ -478,8 +539,9 @@ def kernel_status(verify: bool = False) -> Dict[str, Dict[str, Any]]:
 
     ``status``: ``"no-metal"`` (no Metal device, or the default device is the
     CPU: the reference path runs), ``"unverified"`` (not used yet), ``"ok"``
-    (every configuration used so far matched the reference) or ``"fallback"``
-    (at least one did not; those use the reference path; ``detail`` says which).
+    (every configuration used so far matched the reference, and where a kernel
+    is kept only when faster, was faster) or ``"fallback"`` (at least one did
+    not; those use the reference path; ``detail`` says which and why).
     ``verify=True`` (for ``python -m qnext_mlx.doctor``) first verifies, on
     Metal, each kernel not used yet with its default configuration.
     """
@@ -497,12 +559,16 @@ def kernel_status(verify: bool = False) -> Dict[str, Dict[str, Any]]:
         elif not results:
             status[name] = {"status": "unverified", "max_error": None, "detail": "not used yet"}
         else:
-            bad = {c: r for c, r in results.items() if not r[0]}
-            worst = max(r[1] for r in results.values())
+            bad = {c: r for c, r in results.items() if not r.ok}
+            worst = max(r.max_error for r in results.values())
             if bad:
-                detail = "; ".join(f"{c}: {r[2]}" for c, r in bad.items())
+                detail = "; ".join(f"{c}: {r.detail}" for c, r in bad.items())
                 status[name] = {"status": "fallback", "max_error": worst, "detail": detail}
             else:
-                status[name] = {"status": "ok", "max_error": worst,
-                                "detail": f"{len(results)} configuration(s) verified"}
+                # Entries with a note (e.g. a timing that chose the kernel) show it;
+                # the others are counted.
+                notes = [r.note for r in results.values() if r.note]
+                plain = len(results) - len(notes)
+                detail = "; ".join(([f"{plain} configuration(s) verified"] if plain else []) + notes)
+                status[name] = {"status": "ok", "max_error": worst, "detail": detail}
     return status
