@@ -218,13 +218,17 @@ def cache_state(cache) -> list:
 
 
 def prefill(model, ids: mx.array, cache) -> mx.array:
-    """Feed ``ids`` ``[1, L]`` in steps of PREFILL_STEP; returns the last logits ``[1, V]``."""
+    """Feed ``ids`` ``[1, L]`` in steps of PREFILL_STEP; returns the last logits ``[1, V]``.
+
+    As both engines' generate loops do (mlx-lm's ``generate_step`` included): all
+    but the last token go in chunks whose logits are never evaluated (so the LM
+    head never runs on them), then the last token alone gives the logits.
+    """
     L = ids.shape[1]
-    for s in range(0, L, PREFILL_STEP):
-        logits = model(ids[:, s : s + PREFILL_STEP], cache=cache)
-        if s + PREFILL_STEP < L:
-            mx.eval(cache_state(cache))
-    last = logits[:, -1, :]
+    for s in range(0, L - 1, PREFILL_STEP):
+        model(ids[:, s : min(s + PREFILL_STEP, L - 1)], cache=cache)
+        mx.eval(cache_state(cache))
+    last = model(ids[:, L - 1 :], cache=cache)[:, -1, :]
     mx.eval(last, cache_state(cache))
     return last
 
