@@ -14,9 +14,10 @@ is checked to pick the same tokens.
 
 Measured, per engine, on MLX's default device (the CPU backend on Linux):
 
-- prefill tok/s at each length: a fresh cache, the prompt fed in steps of
-  2048 tokens as ``mlx_lm.generate`` does (``prefill_step_size``), the caches
-  evaluated after every step and the last position's logits at the end;
+- prefill tok/s at each length: a fresh cache, all but the last prompt token
+  fed in steps of 2048 tokens as ``mlx_lm.generate`` does (``prefill_step_size``),
+  the caches evaluated after every step (those logits are never computed), then
+  the last token alone for the logits;
 - decode tok/s: greedy tokens after a 512-token prompt, one ``mx.eval`` per token;
 - memory: the parameters' size and the transient peak above it
   (``mx.get_peak_memory`` over the engine's runs, reset before them).
