@@ -44,6 +44,8 @@ import mlx.core as mx
 
 from .config import ModelConfig
 from .errors import ConfigError, QnextError
+from .kernels.attention import MIN_ROWS, PREFILL_BLOCK
+from .kernels.linear import cpu_lanes as current_cpu_lanes
 from .rope import (
     add_rope_arguments,
     apply_rope_arguments,
@@ -166,7 +168,8 @@ def checkpoint_weights(model_path: Path) -> Optional[Dict[str, Any]]:
 
 def activation_bytes(cfg: ModelConfig, context: int, chunk: int, *, dtype_bytes: int = 2,
                      kv_bits: Optional[int] = None, kv_group_size: int = 64, fused_attention: bool = False,
-                     expert_dtype_bytes: Optional[int] = None, cpu_backend: bool = False) -> Dict[str, int]:
+                     expert_dtype_bytes: Optional[int] = None, cpu_backend: bool = False,
+                     cpu_lanes: Optional[int] = None) -> Dict[str, int]:
     """Peak transient memory of one prefill chunk of ``chunk`` tokens ending at ``context``.
 
     MLX frees each intermediate once its consumers have run, so the peak is
@@ -177,7 +180,11 @@ def activation_bytes(cfg: ModelConfig, context: int, chunk: int, *, dtype_bytes:
       the scores ``heads x chunk x context`` (one buffer: masking and softmax
       reuse it) and the ``chunk x context`` boolean causal mask, plus one
       layer's K/V copy while its cache grows (mlx-lm concatenates) and, with a
-      quantized KV cache on the CPU backend, one layer's K/V unpacked to float32;
+      quantized KV cache on the CPU backend, one layer's K/V unpacked to float32.
+      On the CPU backend with a 16-bit cache, prefill attention runs in query
+      blocks (:mod:`qnext_mlx.kernels.attention`), one block per CPU lane at a
+      time (``cpu_lanes``, default this machine's): per block in flight its
+      scores, mask and K/V copies, plus one transposed copy of the keys;
     * DeltaNet layer: projections, conv input/output, the float32 working
       copies of q/k/v (x3) and the intra-chunk ``64 x 64`` matrices of the
       chunked delta rule;
@@ -198,6 +205,11 @@ def activation_bytes(cfg: ModelConfig, context: int, chunk: int, *, dtype_bytes:
     # One score buffer: MLX donates it through the mask and the softmax (measured: peak =
     # scores + mask on the CPU backend, for both mx.fast SDPA and mlx-lm's quantized SDPA).
     scores = 0 if fused_attention else nh * C * T * b + C * T
+    if cpu_backend and kv_bits is None and not fused_attention and C >= MIN_ROWS:
+        block = min(PREFILL_BLOCK, C)
+        in_flight = min(cpu_lanes or current_cpu_lanes(), -(-C // block))
+        scores = (in_flight * (nh * block * T * b + block * T + 2 * nkv * hd * T * b)
+                  + nkv * hd * T * b)
     kv_growth = kv_cache_bytes(cfg, T, kv_bits, b, kv_group_size, layers=1)
     dequant = 0
     if kv_bits is not None and cpu_backend and not fused_attention:

@@ -16,8 +16,8 @@ Measured, per engine, on MLX's default device (the CPU backend on Linux):
 
 - prefill tok/s at each length: a fresh cache, all but the last prompt token
   fed in steps of 2048 tokens as ``mlx_lm.generate`` does (``prefill_step_size``),
-  the caches evaluated after every step (those logits are never computed), then
-  the last token alone for the logits;
+  the caches and final hidden states evaluated after every step (the LM head
+  never runs on them), then the last token alone for the logits;
 - decode tok/s: greedy tokens after a 512-token prompt, one ``mx.eval`` per token;
 - memory: the parameters' size and the transient peak above it
   (``mx.get_peak_memory`` over the engine's runs, reset before them).
@@ -223,12 +223,19 @@ def prefill(model, ids: mx.array, cache) -> mx.array:
 
     As both engines' generate loops do (mlx-lm's ``generate_step`` included): all
     but the last token go in chunks whose logits are never evaluated (so the LM
-    head never runs on them), then the last token alone gives the logits.
+    head never runs on them), then the last token alone gives the logits. Each
+    chunk's final hidden states are evaluated, though: a generate loop only
+    evaluates the caches, which lets MLX skip the last layer's work past its
+    cache update (its attention and MoE). That is 1 layer in 48 in the real
+    model but a quarter or half of these shallow benchmark models, and it would
+    also favour whichever engine happens to force less of it (qnext_mlx's
+    grouped MoE reads the routing on the host, which forces the last layer's
+    attention).
     """
     L = ids.shape[1]
     for s in range(0, L - 1, PREFILL_STEP):
-        model(ids[:, s : min(s + PREFILL_STEP, L - 1)], cache=cache)
-        mx.eval(cache_state(cache))
+        h = model.model(ids[:, s : min(s + PREFILL_STEP, L - 1)], cache)  # final hidden states
+        mx.eval(h, cache_state(cache))
     last = model(ids[:, L - 1 :], cache=cache)[:, -1, :]
     mx.eval(last, cache_state(cache))
     return last
