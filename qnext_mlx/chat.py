@@ -28,7 +28,7 @@ from .chat_session import (
     end_mlx_thread,
     load_chat_engine,
 )
-from .errors import QnextError
+from .errors import QnextError, run_cli
 from .generate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
@@ -240,30 +240,28 @@ def main(argv: Optional[Sequence[str]] = None, engine: Optional[ChatEngine] = No
     returns the exit status (2 for user errors)."""
     args = build_parser().parse_args(argv)
     try:
-        name = "model"
-        if engine is None:
-            print("loading the model ...", file=sys.stderr, flush=True)
-            engine, name = load_chat_engine(args.model, cache_size=1, kv_bits=args.kv_bits,
-                                            max_context=args.max_context, rope_args=args)
-        elif args.max_context:
-            engine.max_context = args.max_context
-        session = ChatSession(engine, system=args.system, settings=settings_from_args(args))
-        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-        if sys.stdin.isatty():
-            try:
-                import readline  # noqa: F401  (importing it gives input() line editing and history)
-            except ImportError:
-                pass
-        print(f"chatting with {name}: /help for commands, Ctrl-D to leave", flush=True)
-        return ChatREPL(session, sys.stdout, color).run()
-    except QnextError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return run_cli(lambda: _run(args, engine))
     finally:
         end_mlx_thread()  # MLX wants its streams closed before the interpreter exits
+
+
+def _run(args, engine: Optional[ChatEngine]) -> int:
+    name = "model"
+    if engine is None:
+        print("loading the model ...", file=sys.stderr, flush=True)
+        engine, name = load_chat_engine(args.model, cache_size=1, kv_bits=args.kv_bits,
+                                        max_context=args.max_context, rope_args=args)
+    elif args.max_context:
+        engine.max_context = args.max_context
+    session = ChatSession(engine, system=args.system, settings=settings_from_args(args))
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:
+            pass
+    print(f"chatting with {name}: /help for commands, Ctrl-D to leave", flush=True)
+    return ChatREPL(session, sys.stdout, color).run()
 
 
 if __name__ == "__main__":

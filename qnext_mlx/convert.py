@@ -43,7 +43,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, ConversionError, QnextError
+from .errors import CheckpointError, ConfigError, ConversionError, run_cli
 from .loading import MODEL_FILE_PATTERNS, check_weights, open_checkpoint, resolve_model_path
 from .rope import add_rope_arguments, apply_rope_arguments
 from .quant_recipes import GROUP_SIZES, QUANT_BITS, RECIPES, make_recipe
@@ -594,19 +594,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     bits = args.q_bits if args.q_bits is not None else (4 if args.quantize or args.recipe else None)
-    try:
+
+    def run() -> int:
         convert(
             args.hf_path, args.mlx_path, q_bits=bits, q_group_size=args.q_group_size, dtype=args.dtype,
             recipe=args.recipe, drop_mtp=args.drop_mtp, upload_repo=args.upload_repo, force=args.force,
             max_shard_size=args.max_shard_size, progress=not args.quiet, rope_args=args,
         )
-    except QnextError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_cli(run, interrupted="error: interrupted")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from mlx_lm.sample_utils import make_presence_penalty, make_repetition_penalty, 
 
 from . import speculative
 from .cache import ModelCache
-from .errors import ModelNotFoundError, QnextError
+from .errors import ModelNotFoundError, QnextError, run_cli
 from .loading import load
 from .rope import add_rope_arguments, apply_rope_arguments
 
@@ -745,14 +745,7 @@ def _mtp_stats_text(r: GenerationResponse) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit status (2 for user errors, 130 when interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except QnextError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # while loading, before generation started
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _run(args))  # Ctrl-C there: while loading, before generation started
 
 
 if __name__ == "__main__":

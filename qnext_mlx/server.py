@@ -58,7 +58,7 @@ from .chat_session import (
     end_mlx_thread,
     load_chat_engine,
 )
-from .errors import QnextError
+from .errors import QnextError, run_cli
 from .generate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
@@ -611,14 +611,7 @@ def _run(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit status (2 for user errors)."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except QnextError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _run(args))
 
 
 if __name__ == "__main__":
