@@ -31,12 +31,9 @@ from .chat_session import (
 from .errors import QnextError, run_cli
 from .generate import (
     DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_P,
-    DEFAULT_TEMP,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
     _Parser,
     _ranged,
+    add_sampling_arguments,
 )
 from .rope import add_rope_arguments
 
@@ -209,11 +206,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=_ranged(int, 1), default=DEFAULT_MAX_TOKENS,
                    help=f"most tokens per reply (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--temp", type=_ranged(float, 0), default=DEFAULT_TEMP, help=f"temperature (default {DEFAULT_TEMP})")
-    p.add_argument("--top-p", type=_ranged(float, 0, 1, lo_open=True), default=DEFAULT_TOP_P,
-                   help=f"top_p (default {DEFAULT_TOP_P})")
-    p.add_argument("--top-k", type=_ranged(int, 0), default=DEFAULT_TOP_K, help=f"top_k (default {DEFAULT_TOP_K})")
-    p.add_argument("--min-p", type=_ranged(float, 0, 1), default=DEFAULT_MIN_P, help=f"min_p (default {DEFAULT_MIN_P:g})")
+    add_sampling_arguments(p)
     p.add_argument("--presence-penalty", type=_ranged(float, -2, 2), default=0.0,
                    help="penalty for tokens already generated, 0..2 against repetition (default 0)")
     p.add_argument("--seed", type=_ranged(int, 0, 2**64 - 1), default=None, help="random seed")

@@ -595,6 +595,19 @@ def _ranged(kind, lo=None, hi=None, lo_open=False):
     return parse
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--temp``, ``--top-p``, ``--top-k`` and ``--min-p`` with the model card's defaults
+    and their ranges (``prefix`` starts each help text, e.g. the server's "default ")."""
+    p.add_argument("--temp", type=_ranged(float, 0), default=DEFAULT_TEMP,
+                   help=f"{prefix}sampling temperature; 0 = greedy (default {DEFAULT_TEMP})")
+    p.add_argument("--top-p", type=_ranged(float, 0, 1, lo_open=True), default=DEFAULT_TOP_P,
+                   help=f"{prefix}nucleus sampling (default {DEFAULT_TOP_P})")
+    p.add_argument("--top-k", type=_ranged(int, 0), default=DEFAULT_TOP_K,
+                   help=f"{prefix}top-k, 0 = off (default {DEFAULT_TOP_K})")
+    p.add_argument("--min-p", type=_ranged(float, 0, 1), default=DEFAULT_MIN_P,
+                   help=f"{prefix}minimum probability relative to the top token (default {DEFAULT_MIN_P:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m qnext_mlx.generate",
@@ -606,13 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--max-tokens", type=_ranged(int, 1), default=DEFAULT_MAX_TOKENS,
                    help=f"most tokens to generate (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--temp", type=_ranged(float, 0), default=DEFAULT_TEMP,
-                   help=f"sampling temperature; 0 = greedy (default {DEFAULT_TEMP})")
-    p.add_argument("--top-p", type=_ranged(float, 0, 1, lo_open=True), default=DEFAULT_TOP_P,
-                   help=f"nucleus sampling (default {DEFAULT_TOP_P})")
-    p.add_argument("--top-k", type=_ranged(int, 0), default=DEFAULT_TOP_K, help=f"0 = off (default {DEFAULT_TOP_K})")
-    p.add_argument("--min-p", type=_ranged(float, 0, 1), default=DEFAULT_MIN_P,
-                   help=f"minimum probability relative to the top token (default {DEFAULT_MIN_P:g})")
+    add_sampling_arguments(p)
     p.add_argument("--presence-penalty", type=_ranged(float, -2, 2), default=0.0,
                    help="penalty for tokens already generated, 0..2 against repetition (default 0)")
     p.add_argument("--repetition-penalty", type=_ranged(float, 0, lo_open=True), default=None,

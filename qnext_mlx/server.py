@@ -61,12 +61,9 @@ from .chat_session import (
 from .errors import QnextError, run_cli
 from .generate import (
     DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_P,
-    DEFAULT_TEMP,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
     _Parser,
     _ranged,
+    add_sampling_arguments,
 )
 from .rope import add_rope_arguments
 from .server_protocol import (
@@ -565,11 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
     p.add_argument("--max-tokens", type=_ranged(int, 1), default=DEFAULT_MAX_TOKENS,
                    help=f"default reply length limit (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--temp", type=_ranged(float, 0), default=DEFAULT_TEMP, help=f"default temperature ({DEFAULT_TEMP})")
-    p.add_argument("--top-p", type=_ranged(float, 0, 1, lo_open=True), default=DEFAULT_TOP_P,
-                   help=f"default top_p ({DEFAULT_TOP_P})")
-    p.add_argument("--top-k", type=_ranged(int, 0), default=DEFAULT_TOP_K, help=f"default top_k ({DEFAULT_TOP_K})")
-    p.add_argument("--min-p", type=_ranged(float, 0, 1), default=DEFAULT_MIN_P, help=f"default min_p ({DEFAULT_MIN_P:g})")
+    add_sampling_arguments(p, prefix="requests' default ")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     # --max-context N: the longest prompt + reply, and YaRN when N exceeds the native window
     add_rope_arguments(p)
