@@ -7,7 +7,6 @@ engine uses the reference path for it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -15,7 +14,8 @@ from typing import Any, Dict
 
 import mlx.core as mx
 
-from .kernels.metal import kernel_status
+from .cli import Parser
+from .kernels.registry import kernel_status
 
 
 def _system_memory_bytes() -> int | None:
@@ -59,7 +59,7 @@ def _gib(n: int | None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qnext_mlx.doctor", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m qnext_mlx.doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     info = report()

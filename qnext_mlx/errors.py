@@ -7,26 +7,6 @@ traceback.
 """
 
 
-import sys
-from typing import Callable
-
-
-def run_cli(body: Callable[[], int], interrupted: str = "interrupted") -> int:
-    """Run a command-line entry point's ``body``; returns its exit status.
-
-    A :class:`QnextError` prints ``error: <message>`` (one line, no traceback)
-    and gives 2; Ctrl-C prints ``interrupted`` and gives 130.
-    """
-    try:
-        return body()
-    except QnextError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
-
-
 class QnextError(Exception):
     """Base class for errors that are reported to the user as one line."""
 

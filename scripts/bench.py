@@ -142,8 +142,8 @@ def write_checkpoint(cfg: dict, out: Path, dtype=mx.float32, bits: int = 4,
     with ``nn.quantize`` and the model's ``quant_predicate``. Written to a
     temporary folder then renamed.
     """
-    from qnext_mlx.config import ModelConfig
-    from qnext_mlx.models import Model
+    from qnext_mlx.model.config import ModelConfig
+    from qnext_mlx.model import Model
 
     mx.random.seed(seed)
     model = Model(ModelConfig.from_dict(cfg))
@@ -518,13 +518,13 @@ def main(argv=None) -> int:
     json_path = args.json or args.out_dir / "bench.json"
     png_path = args.png or json_path.with_suffix(".png")
 
-    from qnext_mlx.kernels import linear as qlinear
+    from qnext_mlx.kernels import lanes as qlanes
 
     if args.lanes is not None:
-        qlinear.set_cpu_lanes(args.lanes)
+        qlanes.set_cpu_lanes(args.lanes)
     t0 = time.perf_counter()
     machine = machine_info()
-    machine["qnext_cpu_lanes"] = qlinear.cpu_lanes()
+    machine["qnext_cpu_lanes"] = qlanes.cpu_lanes()
     ckpt = checkpoint_for(cfg, args.out_dir, args.dtype, args.seed)
     log("loading both engines ...")
     models = load_engines(ckpt)

@@ -64,7 +64,7 @@ def hf_tensor_specs(config) -> Dict[str, Tuple[int, ...]]:
     """
     from mlx.utils import tree_flatten
 
-    from qnext_mlx.models import Model
+    from qnext_mlx.model import Model
 
     specs: Dict[str, Tuple[int, ...]] = {}
     for name, arr in tree_flatten(Model(config).parameters()):
@@ -91,7 +91,7 @@ def write_synthetic_checkpoint(out: Path, overrides: dict, shard_bytes: int = 50
     import numpy as np
 
     import make_tiny_checkpoint as mtc
-    from qnext_mlx.config import ModelConfig
+    from qnext_mlx.model.config import ModelConfig
 
     cfg = dict(mtc.TINY, **overrides)
     cfg.update(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"], dtype="bfloat16")
@@ -144,7 +144,8 @@ def run_convert(args) -> Tuple[float, int, int]:
     image, inherited at fork.
     """
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    child = ("import sys; from qnext_mlx.convert import main, peak_rss_bytes; rc = main(sys.argv[1:]); "
+    child = ("import sys; from qnext_mlx.convert import main; from qnext_mlx.checkpoint.convert import peak_rss_bytes; "
+             "rc = main(sys.argv[1:]); "
              "print(f'PEAK_RSS {peak_rss_bytes()}'); sys.exit(rc)")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", child, *args, "--quiet"], env=env, stdout=subprocess.PIPE, text=True)
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and outputs")
     args = p.parse_args(argv)
 
-    from qnext_mlx.convert import human_size, parse_size
+    from qnext_mlx.checkpoint.convert import human_size, parse_size
 
     overrides = dict(BENCH)
     for item in args.set:

@@ -34,7 +34,7 @@ import time
 import mlx.core as mx
 
 from qnext_mlx.kernels import compute_decay_beta, gated_delta_chunked, gated_delta_recurrent
-from qnext_mlx.kernels.gated_delta_chunked import _default_lanes
+from qnext_mlx.kernels.lanes import default_lanes
 
 B, HK, HV, DK, DV = 1, 16, 32, 128, 128
 
@@ -111,7 +111,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     lengths = args.lengths or ([512] if args.quick else [512, 2048])
-    lanes = args.lanes if args.lanes is not None else _default_lanes()
+    lanes = args.lanes if args.lanes is not None else default_lanes()
     fns = method_fns(args.chunk, lanes)
     if args.methods:
         fns = {m: fns[m] for m in args.methods if m in fns}

@@ -40,8 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import qnext_mlx  # noqa: E402
-from qnext_mlx.generate import DEMO_MODEL_DIR, format_prompt, generate_tokens  # noqa: E402
-from qnext_mlx.speculative import MTPDecoding  # noqa: E402
+from qnext_mlx.checkpoint.paths import DEMO_MODEL_DIR  # noqa: E402
+from qnext_mlx.engine.decode import generate_tokens  # noqa: E402
+from qnext_mlx.engine.text import format_prompt  # noqa: E402
+from qnext_mlx.engine.speculative import MTPDecoding  # noqa: E402
 
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint, in about 200 words."
 

@@ -24,14 +24,14 @@ import pytest
 from chat_helpers import ChunkGate, ScriptedModel, chat_model_folder, last_user_text
 
 import qnext_mlx
-from qnext_mlx.app import (
+from qnext_mlx.ui.desktop import (
     AppSettings,
     ConversationStore,
     GenerationWorker,
     app_data_dir,
     format_indicators,
 )
-from qnext_mlx.chat_session import ChatEngine, ChatError, ChatSession, ReplyStats, SamplingSettings
+from qnext_mlx.serve.chat_session import ChatEngine, ChatError, ChatSession, ReplyStats, SamplingSettings
 
 THINK = "<think>\nLet me think about it.\n</think>\n\nThe answer is 42."
 
@@ -198,7 +198,7 @@ def test_stop_during_a_long_prompt_stops_its_prefill(model_dir):
 
 
 def test_missing_model_is_reported_not_fatal(tmp_path):
-    from qnext_mlx.chat_session import load_chat_engine
+    from qnext_mlx.serve.chat_session import load_chat_engine
 
     worker = GenerationWorker(lambda m: load_chat_engine(m, quiet=True))
     worker.start()
@@ -260,7 +260,7 @@ def _pump(root, cond, timeout=60.0):
 def test_window_streams_a_reply_collapses_thinking_and_stops(xdisplay, scripted_loader, tmp_path):
     import tkinter as tk
 
-    from qnext_mlx.app import ChatApp
+    from qnext_mlx.ui.desktop import ChatApp
 
     store = ConversationStore(tmp_path / "data")
     worker = GenerationWorker(scripted_loader)
@@ -316,7 +316,7 @@ def test_window_streams_a_reply_collapses_thinking_and_stops(xdisplay, scripted_
         assert "The answer is 42." in app.transcript_text()
 
         # Settings: a bad value is refused in the dialog, a good one is saved.
-        from qnext_mlx.app import SettingsDialog
+        from qnext_mlx.ui.desktop import SettingsDialog
 
         dialog = SettingsDialog(app)
         dialog.vars["temp"].set("hot")

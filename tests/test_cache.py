@@ -8,9 +8,9 @@ import pytest
 import mlx.core as mx
 
 import qnext_mlx
-from qnext_mlx.cache import ModelCache
+from qnext_mlx.model.cache import ModelCache
 from qnext_mlx.errors import CacheError
-from qnext_mlx.generate import forward, prefill
+from qnext_mlx.engine.primitives import forward, prefill
 
 pytest.importorskip("torch")
 

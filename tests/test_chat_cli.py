@@ -25,7 +25,7 @@ sys.path.insert(0, {tests!r})
 import qnext_mlx
 from chat_helpers import ScriptedModel, last_user_text
 from qnext_mlx import chat
-from qnext_mlx.chat_session import ChatEngine
+from qnext_mlx.serve.chat_session import ChatEngine
 
 def responder(prompt):
     user = last_user_text(prompt)
@@ -50,7 +50,7 @@ sys.path.insert(0, {tests!r})
 import qnext_mlx
 from chat_helpers import ChunkGate, ScriptedModel, last_user_text
 from qnext_mlx import chat
-from qnext_mlx.chat_session import ChatEngine
+from qnext_mlx.serve.chat_session import ChatEngine
 
 def ctrl_c_pressed():
     catcher = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
@@ -279,8 +279,8 @@ def test_repl_without_a_terminal(model_dir):
     """The loop itself, fed lines directly (no model call for commands)."""
     import io
 
-    from qnext_mlx.chat import ChatREPL
-    from qnext_mlx.chat_session import ChatSession
+    from qnext_mlx.ui.terminal import ChatREPL
+    from qnext_mlx.serve.chat_session import ChatSession
 
     lines = iter(["/help", "/system", "/save", "/bogus", "/quit"])
     out = io.StringIO()
@@ -295,7 +295,7 @@ def test_repl_without_a_terminal(model_dir):
 def scripted_engine(model_dir):
     import qnext_mlx
     from chat_helpers import ScriptedModel, last_user_text
-    from qnext_mlx.chat_session import ChatEngine
+    from qnext_mlx.serve.chat_session import ChatEngine
 
     model, tokenizer = qnext_mlx.load(model_dir)
     scripted = ScriptedModel(model, tokenizer, lambda p: f"You said {last_user_text(p)}.")
@@ -303,7 +303,7 @@ def scripted_engine(model_dir):
 
 
 def _reply(session, text):
-    from qnext_mlx.chat_session import ReplyStats
+    from qnext_mlx.serve.chat_session import ReplyStats
 
     items = list(session.send(text))
     assert isinstance(items[-1], ReplyStats)
@@ -311,7 +311,7 @@ def _reply(session, text):
 
 
 def test_cache_pool_keeps_two_conversations_apart(scripted_engine):
-    from qnext_mlx.chat_session import ChatSession
+    from qnext_mlx.serve.chat_session import ChatSession
 
     a, b = ChatSession(scripted_engine, system="A"), ChatSession(scripted_engine, system="B")
     _reply(a, "alpha one")
@@ -328,7 +328,7 @@ def test_cache_pool_keeps_two_conversations_apart(scripted_engine):
 
 
 def test_session_save_load_and_failed_turns(scripted_engine, tmp_path):
-    from qnext_mlx.chat_session import ChatError, ChatSession, SamplingSettings, cache_file_for
+    from qnext_mlx.serve.chat_session import ChatError, ChatSession, SamplingSettings, cache_file_for
 
     s = ChatSession(scripted_engine, system="Sys", settings=SamplingSettings(temp=0.0, max_tokens=50))
     _reply(s, "one")

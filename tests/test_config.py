@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qnext_mlx.config import ModelConfig
+from qnext_mlx.model.config import ModelConfig
 from qnext_mlx.errors import ConfigError
 
 # The published Qwen3-Next-80B-A3B-Instruct config.json (legacy rope spelling).

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 import qnext_mlx
-from qnext_mlx.models.qwen3_next import SHIFTED_NORMS
-from qnext_mlx import convert as cv
+from qnext_mlx.model.qwen3_next import SHIFTED_NORMS
+from qnext_mlx import convert as convert_cli
+from qnext_mlx.checkpoint import convert as cv
 from qnext_mlx.errors import CheckpointError, ConfigError, ConversionError, ModelNotFoundError
-from qnext_mlx.loading import read_safetensors_header, weight_files
-from qnext_mlx.models import Model
-from qnext_mlx.quant_recipes import make_recipe
+from qnext_mlx.checkpoint.reader import read_safetensors_header, weight_files
+from qnext_mlx.model import Model
+from qnext_mlx.checkpoint.quant_recipes import make_recipe
 
 torch = pytest.importorskip("torch")
 
@@ -490,18 +491,18 @@ def test_output_must_not_hold_the_input(src, tmp_path):
 ])
 def test_cli_bad_flags_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cv.main(argv)
+        convert_cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and needle in err and err.count("\n") == 1
 
 
 def test_cli_errors_one_line(src, tmp_path, capsys):
-    assert cv.main(["--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "o")]) == 2
+    assert convert_cli.main(["--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model folder") and err.count("\n") == 1
     (tmp_path / "o").mkdir()
-    assert cv.main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--quiet"]) == 2
+    assert convert_cli.main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
 
 
@@ -560,7 +561,7 @@ def test_benchmark_synthetic_checkpoint_uses_the_real_names(src, tmp_path):
     """scripts/bench_convert.py writes the same tensor names and shapes as transformers does."""
     import bench_convert
 
-    from qnext_mlx.config import ModelConfig
+    from qnext_mlx.model.config import ModelConfig
 
     config = ModelConfig.from_file(src)
     config.num_mtp_layers = 1

@@ -8,7 +8,7 @@ import sys
 
 import mlx.core as mx
 
-from qnext_mlx.kernels.metal import kernel_status
+from qnext_mlx.kernels.registry import kernel_status
 
 
 def test_doctor_json_lists_every_kernel():

@@ -5,6 +5,7 @@ Random weights give gibberish, but deterministic greedy output, which is what is
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import subprocess
@@ -17,14 +18,15 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 import qnext_mlx
-from qnext_mlx import generate as gen
-from qnext_mlx.generate import (
-    ThinkFilter,
-    format_prompt,
-    generate_tokens,
-    make_logits_processors,
-    stream_generate,
-)
+from qnext_mlx.checkpoint import paths
+from qnext_mlx.engine import primitives
+from qnext_mlx.engine.decode import generate_tokens
+from qnext_mlx.engine.sampling import make_logits_processors
+from qnext_mlx.engine.stream import generate, stream_generate
+from qnext_mlx.engine.text import ThinkFilter, format_prompt, prompt_opens_think
+
+# qnext_mlx.generate is the Python API's function (as in mlx-lm); the command's module is reached by name.
+gen_cli = importlib.import_module("qnext_mlx.generate")
 
 pytest.importorskip("torch")
 
@@ -86,8 +88,8 @@ def test_greedy_tokens_match_full_forward_reference(model, tokenizer):
 
 def test_chunked_prefill_gives_same_greedy_output(model, tokenizer):
     ids = prompt_ids(tokenizer, "Counting numbers, adding them, and writing the answer in a box.")
-    one = gen.generate(model, tokenizer, ids, temp=0, max_tokens=12, prefill_step_size=4096)
-    chunked = gen.generate(model, tokenizer, ids, temp=0, max_tokens=12, prefill_step_size=5)
+    one = generate(model, tokenizer, ids, temp=0, max_tokens=12, prefill_step_size=4096)
+    chunked = generate(model, tokenizer, ids, temp=0, max_tokens=12, prefill_step_size=5)
     assert one == chunked
 
 
@@ -122,11 +124,11 @@ def test_eos_tokens_stop_generation(loaded, tokenizer):
 
 def test_stop_strings(model, tokenizer):
     ids = prompt_ids(tokenizer)
-    full = gen.generate(model, tokenizer, ids, temp=0, max_tokens=20)
+    full = generate(model, tokenizer, ids, temp=0, max_tokens=20)
     visible = [i for i, ch in enumerate(full) if ch.isprintable() and not ch.isspace()]
     cut = visible[len(visible) // 2]
     stop = full[cut : cut + 2]
-    text = gen.generate(model, tokenizer, ids, temp=0, max_tokens=20, stop_strings=[stop])
+    text = generate(model, tokenizer, ids, temp=0, max_tokens=20, stop_strings=[stop])
     assert text == full[: full.find(stop)]
 
 
@@ -169,11 +171,11 @@ def test_interrupted_prefill_leaves_cache_consistent(model, tokenizer):
 
 def test_interrupt_inside_the_model_restores_the_cache(model, tokenizer, monkeypatch):
     """Ctrl-C while the graph is half built (DeltaNet layers already updated)."""
-    from qnext_mlx.models import qwen3_next
+    from qnext_mlx.model import qwen3_next
 
     ids = prompt_ids(tokenizer)
     cache = model.make_cache()
-    gen.prefill(model, cache, ids[:10])
+    primitives.prefill(model, cache, ids[:10])
     before = cache.snapshot()
     original = qwen3_next.Attention.__call__
 
@@ -182,7 +184,7 @@ def test_interrupt_inside_the_model_restores_the_cache(model, tokenizer, monkeyp
 
     monkeypatch.setattr(qwen3_next.Attention, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        gen.prefill(model, cache, ids[10:])
+        primitives.prefill(model, cache, ids[10:])
     monkeypatch.setattr(qwen3_next.Attention, "__call__", original)
     assert cache.offset == 10 and cache.tokens == ids[:10]
     assert all(a is b for a, b in zip(cache[0].cache, before.layers[0][1]))
@@ -203,15 +205,15 @@ def test_prefill_should_stop_between_chunks_keeps_a_resumable_prefix(model, toke
     assert len(ids) > 10 * STEP
     counting = Counting(model)
     cache = model.make_cache()
-    assert gen.prefill(counting, cache, ids, step_size=STEP, should_stop=stop_after_chunks(counting, 2)) is False
+    assert primitives.prefill(counting, cache, ids, step_size=STEP, should_stop=stop_after_chunks(counting, 2)) is False
     assert counting.calls == [STEP, STEP]  # no chunk ran after the stop
     assert cache.offset == 2 * STEP and cache.tokens == ids[: 2 * STEP]
     # Going on from there gives exactly the state of a prefill that was never stopped.
-    assert gen.prefill(model, cache, ids[2 * STEP :], step_size=STEP) is True
+    assert primitives.prefill(model, cache, ids[2 * STEP :], step_size=STEP) is True
     ref = model.make_cache()
-    assert gen.prefill(model, ref, ids, step_size=STEP, should_stop=lambda: False) is True
+    assert primitives.prefill(model, ref, ids, step_size=STEP, should_stop=lambda: False) is True
     nxt = mx.array([ids[0]], dtype=mx.int32)
-    a, b = gen.decode_step(model, cache, nxt), gen.decode_step(model, ref, nxt)
+    a, b = primitives.decode_step(model, cache, nxt), primitives.decode_step(model, ref, nxt)
     assert np.array_equal(np.array(a), np.array(b))
 
 
@@ -260,7 +262,7 @@ def test_stream_generate_cancelled_between_tokens(model, tokenizer):
 
 
 def test_chat_engine_cancelled_during_prefill_then_same_reply_as_a_fresh_engine(model, tokenizer):
-    from qnext_mlx.chat_session import ChatEngine, ReplyStats, SamplingSettings
+    from qnext_mlx.serve.chat_session import ChatEngine, ReplyStats, SamplingSettings
 
     counting = Counting(model)
     engine = ChatEngine(counting, tokenizer, prefill_step_size=STEP)
@@ -285,16 +287,16 @@ def test_chat_engine_cancelled_during_prefill_then_same_reply_as_a_fresh_engine(
 
 def test_prefill_progress_bar_on_stderr(model, capsys):
     cache = model.make_cache()
-    gen.prefill(model, cache, list(range(40)), step_size=16, progress=True)
+    primitives.prefill(model, cache, list(range(40)), step_size=16, progress=True)
     assert "Prefill" in capsys.readouterr().err
-    gen.prefill(model, cache, list(range(40)), step_size=16)  # short prompt: no bar by default
+    primitives.prefill(model, cache, list(range(40)), step_size=16)  # short prompt: no bar by default
     assert capsys.readouterr().err == ""
 
 
 def test_sampling_seed_and_penalties(model, tokenizer):
     ids = prompt_ids(tokenizer)
-    a = gen.generate(model, tokenizer, ids, max_tokens=12, seed=7)
-    b = gen.generate(model, tokenizer, ids, max_tokens=12, seed=7)
+    a = generate(model, tokenizer, ids, max_tokens=12, seed=7)
+    b = generate(model, tokenizer, ids, max_tokens=12, seed=7)
     assert a == b
     greedy = [r.token for r in stream_generate(model, tokenizer, ids, temp=0, max_tokens=12)]
     penalised = [r.token for r in stream_generate(model, tokenizer, ids, temp=0, max_tokens=12,
@@ -320,13 +322,13 @@ def test_think_filter_handles_tags_split_anywhere(inside):
             f = ThinkFilter(inside=inside)
             out = f.feed(text[:a]) + f.feed(text[a:b]) + f.feed(text[b:]) + f.flush()
             assert out == expected, (a, b)
-    assert gen.prompt_opens_think("<|im_start|>assistant\n<think>\n")
-    assert not gen.prompt_opens_think("<think>x</think>")
+    assert prompt_opens_think("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_think("<think>x</think>")
 
 
 # ---------------------------------------------------------------------- CLI
 def run_cli(capsys, *argv):
-    code = gen.main(list(argv))
+    code = gen_cli.main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -364,7 +366,7 @@ def test_cli_prompt_cache_roundtrip(chat_model_dir, tmp_path, capsys):
 
 def test_cli_ctrl_c_during_prefill_exits_cleanly_and_keeps_the_work(chat_model_dir, tmp_path, capsys,
                                                                      monkeypatch):
-    from qnext_mlx.models import qwen3_next
+    from qnext_mlx.model import qwen3_next
 
     original, calls = qwen3_next.Attention.__call__, []
 
@@ -409,7 +411,7 @@ def test_cli_prompt_cache_reuses_the_system_prompt(chat_model_dir, tmp_path, cap
 ])
 def test_cli_bad_flag_values_give_one_line_errors(chat_model_dir, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
-        gen.main(["--model", str(chat_model_dir), "--prompt", "hi", *flags])
+        gen_cli.main(["--model", str(chat_model_dir), "--prompt", "hi", *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
@@ -426,7 +428,7 @@ def test_cli_user_errors_give_one_line(chat_model_dir, hf_checkpoint, tmp_path, 
     foreign = run_cli(capsys, "--model", str(chat_model_dir), "--prompt", "hi",
                       "--prompt-cache", str(tmp_path / "other.safetensors"))
     kv = run_cli(capsys, "--model", str(chat_model_dir), "--prompt", "hi", "--kv-bits", "4")
-    monkeypatch.setattr(gen, "DEMO_MODEL_DIR", tmp_path / "no_demo")
+    monkeypatch.setattr(paths, "DEMO_MODEL_DIR", tmp_path / "no_demo")
     no_demo = run_cli(capsys, "--prompt", "hi")
     no_tokenizer = run_cli(capsys, "--model", str(other_dir), "--prompt", "hi")
     for (code, out, err), message in [
@@ -448,7 +450,7 @@ def test_cli_offline_repo_id_in_a_real_process(tmp_path):
     assert p.stderr.startswith("error: could not get no-such-org/no-such-model") and p.stderr.count("\n") == 1
 
 
-@pytest.mark.skipif(not (gen.DEMO_MODEL_DIR / "config.json").exists(), reason="demo model not built yet")
+@pytest.mark.skipif(not (paths.DEMO_MODEL_DIR / "config.json").exists(), reason="demo model not built yet")
 def test_cli_demo_model_end_to_end():
     cmd = [sys.executable, "-m", "qnext_mlx.generate", "--prompt", "Hello!", "--temp", "0", "--max-tokens", "20"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")

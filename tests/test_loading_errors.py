@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 import qnext_mlx
 from qnext_mlx.errors import CheckpointError, ConfigError, ModelNotFoundError
-from qnext_mlx.loading import read_safetensors_header
+from qnext_mlx.checkpoint.reader import read_safetensors_header
 
 
 @pytest.fixture
@@ -159,9 +160,9 @@ def test_loading_is_lazy(ckpt):
 
 
 def test_load_without_tokenizer_files_fails_naming_the_folder(ckpt, chat_model_dir, capsys, monkeypatch):
-    from qnext_mlx import generate as gen
-    from qnext_mlx import loading
-    from qnext_mlx.chat_session import load_chat_engine
+    gen = importlib.import_module("qnext_mlx.generate")  # the command's module (qnext_mlx.generate is the function)
+    from qnext_mlx.checkpoint import reader as loading
+    from qnext_mlx.serve.chat_session import load_chat_engine
 
     assert not [p.name for p in ckpt.iterdir() if "tokenizer" in p.name or p.name == "vocab.json"]
     read = []

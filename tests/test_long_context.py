@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 
 import qnext_mlx
-from qnext_mlx.generate import forward, prefill
+from qnext_mlx.engine.primitives import forward, prefill
 
 # hybrid with a dense MLP everywhere: the MoE router would turn tiny KV errors into expert flips
 DENSE = dict(num_experts=0, num_hidden_layers=4, head_dim=64, vocab_size=160, max_position_embeddings=65536)

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 import metal_shim as ms  # noqa: E402
 
-from qnext_mlx.kernels import metal as km  # noqa: E402
+from qnext_mlx.kernels import registry as km  # noqa: E402
 from qnext_mlx.kernels import metal_moe as mm  # noqa: E402
 from qnext_mlx.kernels.moe import switch_glu_lanes  # noqa: E402
 
@@ -48,11 +48,9 @@ MIXED_128 = ((8, 64), (8, 64), (4, 128), (4, 128), (4, 32))
 @pytest.fixture(autouse=True)
 def _fresh_state():
     """Kernel objects and decisions are module-level caches: start and end each test clean."""
-    km._KERNELS.clear()
-    km._VERIFIED.clear()
+    km.forget_kernel_decisions()
     yield
-    km._KERNELS.clear()
-    km._VERIFIED.clear()
+    km.forget_kernel_decisions()
 
 
 def _problem(quant, k, dtype, T, seed=0, same_rows=False, scales_dtype=None):
@@ -148,7 +146,7 @@ def test_kernel_repeated_experts_and_thread_order():
         one = mm.run_moe_decode_kernel(ms.metal_kernel, block, x[:, t:t + 1], inds[:, t:t + 1], scores[:, t:t + 1])
         assert mx.array_equal(one[:, 0], got[:, t]).item()
     for order in (1, 7):
-        km._KERNELS.clear()
+        km.forget_kernel_decisions()
         factory = lambda **kw: ms.metal_kernel(order=order, **kw)  # noqa: E731
         assert mx.array_equal(mm.run_moe_decode_kernel(factory, block, x, inds, scores), got).item()
     assert _rel(got, _oracle(block, x, inds, scores)) < 2e-6
@@ -192,7 +190,7 @@ def _fake_timer(kernel_us, reference_us, calls):
 
 
 def _on_fake_mac(factory=ms.metal_kernel):
-    return mock.patch.object(km, "_metal_available", return_value=True), \
+    return mock.patch.object(km, "metal_available", return_value=True), \
         mock.patch.object(mx.fast, "metal_kernel", factory)
 
 
@@ -253,7 +251,7 @@ def test_off_metal_never_used_and_listed_by_the_doctor():
     block, x, inds, scores = _problem(Q4, 4, mx.float32, 1)
     calls = []
     assert mm.moe_decode(block, x, inds, scores, timer=_fake_timer(1.0, 2.0, calls)) is None
-    assert not calls and not km._VERIFIED
+    assert not calls and not km.decisions()
     st = km.kernel_status()
     assert st["moe_decode"]["status"] == "no-metal"
     ok, err, detail = km.verify_kernel("moe_decode", ms.metal_kernel)  # the doctor's default configuration
@@ -265,13 +263,27 @@ def test_off_metal_never_used_and_listed_by_the_doctor():
 # ---------------------------------------------------------------------------
 
 
+def _model_block(quant, k, dtype, seed):
+    """The model's own SparseMoeBlock at the sizes of mm.small_block, quantized the same way."""
+    from qnext_mlx.model.config import ModelConfig
+    from qnext_mlx.model.qwen3_next import SparseMoeBlock
+
+    cfg = ModelConfig.from_dict(dict(
+        vocab_size=64, hidden_size=H, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, num_experts=16, num_experts_per_tok=k, moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
+    ))
+    mx.random.seed(seed)
+    return mm.quantize_moe_block(SparseMoeBlock(cfg), quant, dtype)
+
+
 @pytest.mark.parametrize("dtype,T", [(mx.float32, 1), (mx.float32, 3), (mx.bfloat16, 3)])
 def test_moe_block_on_a_metal_like_path_matches_cpu(dtype, T):
-    block = mm.small_block(Q4, 4, dtype, seed=5)
+    block = _model_block(Q4, 4, dtype, seed=5)
     block.gate.weight = block.gate.weight * 8  # a sharper router: routing differs per token
     x = mx.random.normal((1, T, H), key=mx.random.key(6)).astype(dtype)
     want = block(x)  # CPU: gather_qmm
-    import qnext_mlx.models.qwen3_next as q3
+    import qnext_mlx.model.qwen3_next as q3
 
     results = []
 
@@ -296,7 +308,7 @@ def test_moe_block_on_a_metal_like_path_matches_cpu(dtype, T):
 def test_moe_block_cpu_path_is_unchanged():
     # The block's decode output equals, bit for bit, the formula it used before
     # the kernel was wired in (gather_qmm, weighted sum, shared expert).
-    block = mm.small_block(Q4, 4, mx.bfloat16, seed=7)
+    block = _model_block(Q4, 4, mx.bfloat16, seed=7)
     x = mx.random.normal((1, 2, H), key=mx.random.key(8)).astype(mx.bfloat16)
     probs = mx.softmax(block.gate(x).astype(mx.float32), axis=-1)
     inds = mx.argpartition(-probs, kth=3, axis=-1)[..., :4]

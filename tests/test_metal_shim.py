@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(
 
 import metal_shim as ms  # noqa: E402
 
-from qnext_mlx.kernels import metal as km  # noqa: E402
+from qnext_mlx.kernels import metal_gdn as km  # noqa: E402
+from qnext_mlx.kernels import registry as kreg  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -440,8 +441,8 @@ def test_decode_kernel_drops_into_the_model_layer():
     from mlx.utils import tree_map
     from mlx_lm.models.cache import ArraysCache
 
-    from qnext_mlx.config import ModelConfig
-    from qnext_mlx.models.qwen3_next import GatedDeltaNet
+    from qnext_mlx.model.config import ModelConfig
+    from qnext_mlx.model.qwen3_next import GatedDeltaNet
 
     cfg = ModelConfig.from_dict(dict(
         model_type="qwen3_next", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -480,7 +481,7 @@ def test_decode_kernel_zero_initial_states_and_order_independence():
         got = km.gated_delta_decode(*args, kernel_factory=factory, **kw)
         for o, r in zip(got, ref):
             assert _rel(o, r) < 2e-6
-        km._KERNELS.clear()
+        kreg.forget_kernel_decisions()
 
 
 def test_gated_delta_decode_dispatch():
@@ -490,8 +491,8 @@ def test_gated_delta_decode_dispatch():
     out = km.gated_delta_decode(*args, **kw)
     for o, r in zip(out, ref):
         assert mx.array_equal(o, r).item()
-    assert km.kernel_status()["gdn_decode"]["status"] == "no-metal"
-    assert km.kernel_status()["gdn_prefill"]["status"] == "no-metal"
+    assert kreg.kernel_status()["gdn_decode"]["status"] == "no-metal"
+    assert kreg.kernel_status()["gdn_prefill"]["status"] == "no-metal"
     # Longer than the decode kernel takes: reference even with a factory.
     long_args, kw2 = _decode_problem(1, km.MAX_DECODE_T + 1, 1, 1, 32, 32, mx.float32)
     calls = []
@@ -511,39 +512,36 @@ def test_first_use_verification_and_fallback(caplog):
             return [y + 1.0, *rest]
         return call
 
-    km._KERNELS.clear()
-    km._VERIFIED.clear()
+    kreg.forget_kernel_decisions()
     try:
         # A "Mac" whose Metal kernel is right: verified once, then used.
-        with mock.patch.object(km, "_metal_available", return_value=True), \
+        with mock.patch.object(kreg, "metal_available", return_value=True), \
                 mock.patch.object(mx.fast, "metal_kernel", ms.metal_kernel):
-            assert km.kernel_status()["gdn_decode"]["status"] == "unverified"
+            assert kreg.kernel_status()["gdn_decode"]["status"] == "unverified"
             out = km.gated_delta_decode(*args, **kw)
-            st = km.kernel_status()["gdn_decode"]
+            st = kreg.kernel_status()["gdn_decode"]
             assert st["status"] == "ok" and st["max_error"] < 1e-5
-            assert km.kernel_status()["gdn_prefill"]["status"] == "unverified"
+            assert kreg.kernel_status()["gdn_prefill"]["status"] == "unverified"
             # what `python -m qnext_mlx.doctor` would call: verifies the rest
-            assert km.kernel_status(verify=True)["gdn_prefill"]["status"] == "ok"
+            assert kreg.kernel_status(verify=True)["gdn_prefill"]["status"] == "ok"
         for o, r in zip(out, ref):
             assert _rel(o, r) < 2e-6
         # A "Mac" whose kernel is wrong: warning, reference results, status "fallback".
-        km._KERNELS.clear()
-        km._VERIFIED.clear()
-        with mock.patch.object(km, "_metal_available", return_value=True), \
+        kreg.forget_kernel_decisions()
+        with mock.patch.object(kreg, "metal_available", return_value=True), \
                 mock.patch.object(mx.fast, "metal_kernel", broken_factory), \
-                caplog.at_level(logging.WARNING, logger=km.__name__):
+                caplog.at_level(logging.WARNING, logger=kreg.__name__):
             out = km.gated_delta_decode(*args, **kw)
-            assert km.kernel_status()["gdn_decode"]["status"] == "fallback"
+            assert kreg.kernel_status()["gdn_decode"]["status"] == "fallback"
         assert "disagrees with the reference" in caplog.text
         for o, r in zip(out, ref):
             assert mx.array_equal(o, r).item()
     finally:
-        km._KERNELS.clear()
-        km._VERIFIED.clear()
+        kreg.forget_kernel_decisions()
 
 
 def test_kernel_sources_ship_with_the_package():
-    header, body = km.load_kernel_source("gdn_decode.metal")
+    header, body = kreg.load_kernel_source("gdn_decode.metal")
     assert "gdn_softplus" in header and "simd_sum" in body and "@body" not in body
 
 
@@ -593,5 +591,5 @@ def test_prefill_kernel_bf16_values_and_dispatch():
     # No Metal: the reference, y in v's dtype.
     y2, state2 = km.gated_delta_prefill(*args)
     assert mx.array_equal(y2, ref_y.astype(mx.bfloat16)).item() and mx.array_equal(state2, ref_state).item()
-    ok, err, detail = km.verify_kernel("gdn_prefill", ms.metal_kernel)
+    ok, err, detail = kreg.verify_kernel("gdn_prefill", ms.metal_kernel)
     assert ok and err < 1e-5, detail

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from qnext_mlx.config import ModelConfig
+from qnext_mlx.model.config import ModelConfig
+from qnext_mlx.kernels import lanes as klanes
 from qnext_mlx.kernels import linear as klinear
 from qnext_mlx.kernels import moe as kmoe
-from qnext_mlx.models import Model
-from qnext_mlx.models.qwen3_next import SparseMoeBlock
+from qnext_mlx.model import Model
+from qnext_mlx.model.qwen3_next import SparseMoeBlock
 
 H, I, E, K = 128, 64, 8, 2
 
@@ -113,7 +114,7 @@ def test_moe_block_prefill_uses_grouped_path_and_matches(monkeypatch, bits):
         calls.append(1)
         return real(*a, **kw)
 
-    import qnext_mlx.models.qwen3_next as q3
+    import qnext_mlx.model.qwen3_next as q3
 
     monkeypatch.setattr(q3, "grouped_switch_glu", spy)
     got = block(x)
@@ -125,7 +126,7 @@ def test_moe_block_prefill_uses_grouped_path_and_matches(monkeypatch, bits):
 
 
 def test_moe_block_decode_keeps_switch_glu(monkeypatch):
-    import qnext_mlx.models.qwen3_next as q3
+    import qnext_mlx.model.qwen3_next as q3
 
     def fail(*a, **kw):
         raise AssertionError("decode must not take the grouped path")
@@ -219,8 +220,8 @@ def test_attention_dispatch(monkeypatch):
 # -------------------------------------------------------------- CPU lanes
 @pytest.mark.parametrize("lanes", [1, 2, 3])
 def test_lanes_give_the_same_results(monkeypatch, lanes):
-    monkeypatch.setattr(klinear, "_cpu_lanes", lanes)
-    assert klinear.cpu_lanes() == lanes
+    monkeypatch.setattr(klanes, "_cpu_lanes", lanes)
+    assert klanes.cpu_lanes() == lanes
     # Decode: the quantized product split over output features, SwitchGLU over slots.
     w = mx.random.normal((klinear.MIN_SPLIT_OUTPUTS + 64, 128), key=mx.random.key(30)) * 0.05
     q, s, b = mx.quantize(w, 64, 4)

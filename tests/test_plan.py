@@ -10,8 +10,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from qnext_mlx import plan as P
-from qnext_mlx.config import ModelConfig
+from qnext_mlx import plan as plan_cli
+from qnext_mlx.engine import plan as P
+from qnext_mlx.model.config import ModelConfig
 
 GiB = 2**30
 
@@ -92,7 +93,7 @@ def test_weights_and_states_match_a_real_checkpoint(hf_checkpoint):
 @pytest.mark.parametrize("kv_bits", [None, 4])
 def test_peak_memory_model_matches_measurement(kv_bits):
     """Prefill through the cache in chunks on this backend; the planner's total within 20% of MLX's peak."""
-    from qnext_mlx.models import Model
+    from qnext_mlx.model import Model
 
     cfg = ModelConfig.from_dict(dict(
         model_type="qwen3_next", vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -132,7 +133,7 @@ def test_peak_memory_model_matches_measurement(kv_bits):
 
 
 def _plan_json(capsys, argv):
-    assert P.main(argv + ["--json"]) == 0
+    assert plan_cli.main(argv + ["--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -157,7 +158,7 @@ def test_cli_suggests_a_prefill_chunk_that_fits(config_file, capsys):
     assert fused["fits"] is True and fused["activations"]["attention_scores"] == 0
     small = _plan_json(capsys, argv + ["--budget-gib", "96", "--prefill-step-size", "512"])
     assert small["fits"] is True
-    assert P.main(argv + ["--budget-gib", "96"]) == 0
+    assert plan_cli.main(argv + ["--budget-gib", "96"]) == 0
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "--prefill-step-size 512" in text and "24.00 KiB/token" in text
 
@@ -198,6 +199,6 @@ def test_machine_memory_reports_a_rule():
     (["--model", ".", "--context", "1000", "--kv-bits", "3"], "--kv-bits"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
-    assert P.main(argv) == 2
+    assert plan_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

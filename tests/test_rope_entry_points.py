@@ -9,6 +9,7 @@ model (chat, server, app) or written into a converted checkpoint (convert).
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -20,9 +21,12 @@ import numpy as np
 import pytest
 
 import qnext_mlx
-from qnext_mlx import app, chat, convert, generate, plan, server
-from qnext_mlx.chat_session import load_chat_engine
+from qnext_mlx import app, chat, convert, plan, server
+from qnext_mlx.serve.chat_session import load_chat_engine
 from qnext_mlx.errors import QnextError
+
+# qnext_mlx.generate is the Python API's function (as in mlx-lm); the command's module is reached by name.
+generate = importlib.import_module("qnext_mlx.generate")
 
 torch = pytest.importorskip("torch")
 

@@ -25,9 +25,11 @@ from chat_helpers import ChunkGate, ScriptedModel, chat_model_folder, last_user_
 openai = pytest.importorskip("openai")
 
 import qnext_mlx  # noqa: E402
-from qnext_mlx.chat_session import ChatEngine, ReplyParser, parse_tool_call, render_prompt  # noqa: E402
-from qnext_mlx.server import build_parser, start_in_thread, stop_server  # noqa: E402
-from qnext_mlx.server_protocol import ApiError, parse_chat_request  # noqa: E402
+from qnext_mlx.serve.chat_session import ChatEngine, render_prompt  # noqa: E402
+from qnext_mlx.serve.reply import ReplyParser, parse_tool_call  # noqa: E402
+from qnext_mlx.server import build_parser  # noqa: E402
+from qnext_mlx.serve.http import start_in_thread, stop_server  # noqa: E402
+from qnext_mlx.serve.protocol import ApiError, parse_chat_request  # noqa: E402
 
 MAX_CONTEXT = 512
 MAX_REQUEST_BYTES = 64 * 1024

@@ -9,6 +9,7 @@ continuation, wrong at chosen positions, which gives every accepted length.
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 from contextlib import redirect_stderr, redirect_stdout
@@ -21,20 +22,21 @@ from mlx_lm.models.cache import ArraysCache
 from mlx_lm.sample_utils import make_sampler
 
 import qnext_mlx
-from qnext_mlx import generate as gen
-from qnext_mlx import speculative
-from qnext_mlx.generate import generate_tokens, make_logits_processors, prefill, stream_generate
-from qnext_mlx.speculative import (
-    MTPDecoding,
-    accept_drafts,
-    rollback,
-    sampling_distribution,
-    verify_forward,
-)
+from qnext_mlx.checkpoint.paths import DEMO_MODEL_DIR
+from qnext_mlx.engine import speculative
+from qnext_mlx.engine.decode import generate_tokens
+from qnext_mlx.engine.primitives import prefill
+from qnext_mlx.engine.sampling import make_logits_processors, sampling_distribution
+from qnext_mlx.engine.speculative import MTPDecoding, accept_drafts, rollback, verify_forward
+from qnext_mlx.engine.stream import stream_generate
+from qnext_mlx.engine.text import format_prompt
+
+# qnext_mlx.generate is the Python API's function (as in mlx-lm); the command's module is reached by name.
+gen_cli = importlib.import_module("qnext_mlx.generate")
 
 torch = pytest.importorskip("torch")
 
-DEMO = gen.DEMO_MODEL_DIR
+DEMO = DEMO_MODEL_DIR
 
 
 # ----------------------------------------------------------------- helpers
@@ -294,7 +296,7 @@ def test_mtp_after_plain_decoding_fills_the_mtp_cache(tiny):
 
 
 def test_saved_cache_continues_with_mtp(tiny, tmp_path):
-    from qnext_mlx.cache import ModelCache
+    from qnext_mlx.model.cache import ModelCache
 
     p1 = prompt_of(tiny, 25, seed=13)
     out1, cache, _ = mtp_tokens(tiny, p1, 15, 2)
@@ -445,7 +447,7 @@ def test_default_rule(chat, hf_checkpoint):
 
 def test_stream_generate_mtp_and_stats(chat, monkeypatch):
     model, tokenizer = chat
-    prompt = gen.format_prompt(tokenizer, "Why is the sky blue?")
+    prompt = format_prompt(tokenizer, "Why is the sky blue?")
     plain = list(stream_generate(model, tokenizer, prompt, max_tokens=40, temp=0, mtp=False))
     spec = list(stream_generate(model, tokenizer, prompt, max_tokens=40, temp=0, mtp=True, num_draft_tokens=3))
     assert [r.token for r in spec] == [r.token for r in plain]
@@ -485,7 +487,7 @@ def test_sampled_stream_is_reproducible_with_seed(chat):
 def run_cli(argv):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = gen.main(argv)
+        code = gen_cli.main(argv)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -520,7 +522,7 @@ def test_demo_model_greedy_identical(k):
     """300 tokens of the trained demo model (its drafts are mostly right), prompt in chunks of 8."""
     model, tokenizer = qnext_mlx.load(DEMO)
     assert model.has_mtp
-    ids = tokenizer.encode(gen.format_prompt(tokenizer, "Tell me a story about a robot who learns to paint."),
+    ids = tokenizer.encode(format_prompt(tokenizer, "Tell me a story about a robot who learns to paint."),
                            add_special_tokens=False)
     ref, ref_cache = plain_tokens(model, ids, 300, prefill_step_size=8)
     out, cache, stats = mtp_tokens(model, ids, 300, k, prefill_step_size=8)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import qnext_mlx
-from qnext_mlx.loading import read_safetensors_header
+from qnext_mlx.checkpoint.reader import read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 import qnext_mlx
-from qnext_mlx.config import ModelConfig
+from qnext_mlx.model.config import ModelConfig
 from qnext_mlx.errors import ConfigError
-from qnext_mlx.rope import (
+from qnext_mlx.cli import add_rope_arguments, apply_rope_arguments
+from qnext_mlx.model.rope import (
     RoPE,
-    add_rope_arguments,
-    apply_rope_arguments,
     context_window,
     factor_for_context,
     native_context,

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention as _mlx_lm_sdpa
 
-from .linear import cpu_lanes, lane_contexts
+from .lanes import cpu_lanes, lane_contexts
 
 __all__ = ["PREFILL_BLOCK", "attention", "causal_attention"]
 

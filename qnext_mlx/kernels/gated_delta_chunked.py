@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import threading
 from typing import Optional, Tuple
 
 import mlx.core as mx
+
+from .lanes import default_lanes, lane_streams
 
 __all__ = ["gated_delta_chunked"]
 
@@ -61,34 +61,6 @@ _MAX_CHUNKS_PER_SEGMENT = 64
 # Automatic lanes only when the state has at least this many elements (the
 # model's layer: 32 * 128 * 128 = 2**19).
 _MIN_STATE_FOR_LANES = 2**18
-
-# Per calling thread: an MLX stream belongs to the thread that made it (using
-# another thread's stream from a generation worker thread hangs the evaluation).
-_LANE_STREAMS = threading.local()
-
-
-def _lane_streams(n: int) -> list:
-    """``n`` CPU streams (each one a worker thread in MLX), created once per calling thread and reused."""
-    streams = getattr(_LANE_STREAMS, "streams", None)
-    if streams is None:
-        streams = _LANE_STREAMS.streams = []
-    while len(streams) < n:
-        streams.append(mx.new_stream(mx.cpu))
-    return streams[:n]
-
-
-def forget_lane_streams() -> None:
-    """Drop this thread's lane streams (after ``mx.clear_streams()`` they are stale)."""
-    _LANE_STREAMS.streams = []
-
-
-def _default_lanes() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
-
 
 def _unit_lower_inverse(a: mx.array, method: str) -> mx.array:
     """Inverse of a batch of unit lower-triangular matrices ``[..., C, C]``.
@@ -216,7 +188,7 @@ def _scan(q, k, v, lg, beta, s, C: int, inverse: str, lanes: int):
     if lanes > 1:
         bounds = [Hk * i // lanes for i in range(lanes + 1)]
         heads = list(zip(bounds[:-1], bounds[1:]))
-        contexts = [functools.partial(mx.stream, st) for st in _lane_streams(lanes)]
+        contexts = [functools.partial(mx.stream, st) for st in lane_streams(lanes)]
         states = []
         for ctx, (h0, h1) in zip(contexts, heads):
             with ctx():
@@ -328,7 +300,7 @@ def gated_delta_chunked(
     if lanes is None:
         # Small problems are not worth the per-chunk cross-lane bookkeeping.
         big = B * Hv * Dk * Dv >= _MIN_STATE_FOR_LANES
-        lanes = _default_lanes() if on_cpu and big else 1
+        lanes = default_lanes() if on_cpu and big else 1
     lanes = max(1, min(int(lanes), Hk)) if on_cpu else 1
 
     f32 = mx.float32

@@ -29,19 +29,14 @@ layers for the subclasses below (same parameters, same names), which
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import List, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .gated_delta_chunked import _default_lanes, _lane_streams
+from .lanes import cpu_lanes, lane_contexts
 
 __all__ = [
-    "cpu_lanes",
-    "lane_contexts",
-    "set_cpu_lanes",
     "FastLinear",
     "FastQuantizedLinear",
     "dense_matmul",
@@ -62,42 +57,6 @@ MIN_DENSE_ROWS = 32
 # its transposing copy and its GEMM (measured 15-30% faster than 16 MiB tiles
 # for 64 rows), and a wide layer (the LM head) never holds a float copy of itself.
 _TILE_ELEMENTS = 1 << 19
-
-
-# CPU streams (MLX runs each on its own thread; its CPU ops are otherwise
-# single-threaded) that the prefill GEMMs of this module and of
-# :mod:`qnext_mlx.kernels.moe` are spread over: ``QNEXT_CPU_LANES`` or one per
-# available core (at most 8). 1: the caller's stream only. The GEMMs are large
-# and independent, so lanes do not need the lock-step ties of the chunked
-# delta rule; on 2 idle cores a 2048-token prefill ran 1.55x faster with 2.
-def _lanes_from_env() -> int:
-    value = os.environ.get("QNEXT_CPU_LANES", "").strip()
-    try:
-        return max(1, int(value)) if value else _default_lanes()
-    except ValueError:
-        return _default_lanes()
-
-
-_cpu_lanes = _lanes_from_env()
-
-
-def set_cpu_lanes(n: int) -> None:
-    """Spread prefill GEMMs over ``n`` CPU streams (threads); 1 turns it off."""
-    global _cpu_lanes
-    _cpu_lanes = max(1, int(n))
-
-
-def cpu_lanes() -> int:
-    """How many CPU streams prefill GEMMs are spread over (1 off the CPU device)."""
-    return _cpu_lanes if mx.default_device() == mx.cpu else 1
-
-
-def lane_contexts(n: int) -> List:
-    """``n`` context managers, each making one lane's stream the default (one
-    no-op context for ``n == 1``)."""
-    if n <= 1:
-        return [contextlib.nullcontext()]
-    return [mx.stream(s) for s in _lane_streams(n)]
 
 
 def use_dense_path(rows: int) -> bool:

@@ -1,7 +1,7 @@
 """Gather MoE kernel for decode, kept only where it beats ``mx.gather_qmm``.
 
-For 1..``MAX_DECODE_T`` tokens, ``qnext_mlx/kernels/metal_src/moe_decode.metal``
-computes what :class:`qnext_mlx.models.qwen3_next.SparseMoeBlock` computes
+For 1..``MAX_DECODE_T`` tokens, ``metal/moe_decode.metal``
+computes what :class:`qnext_mlx.model.qwen3_next.SparseMoeBlock` computes
 after routing, for affine-quantized experts (4 or 8 bits, group size 32, 64 or
 128) and activations in float32, float16 or bfloat16 (float32 accumulation)::
 
@@ -26,7 +26,7 @@ with a new configuration
    per token count ``T``; the timings include building the graph, as decode does).
 
 The kernel is used only if it matched and was faster; otherwise (one warning
-or info line) the caller keeps the reference. :func:`qnext_mlx.kernels.metal.kernel_status`
+or info line) the caller keeps the reference. :func:`qnext_mlx.kernels.registry.kernel_status`
 reports it as ``moe_decode`` with the timings (``python -m qnext_mlx.doctor``).
 Off Metal the kernel is never used. Tests run the body on Linux by passing
 the shim's ``metal_kernel`` as ``kernel_factory``.
@@ -41,9 +41,10 @@ from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwiGLU
+from mlx_lm.models.qwen3_next import Qwen3NextMLP
+from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
 
-from . import metal as km
+from . import registry
 from .moe import switch_glu_lanes
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "moe_spec",
     "quant_string",
     "run_moe_decode_kernel",
+    "quantize_moe_block",
     "small_block",
     "small_routing",
     "time_us",
@@ -224,7 +226,7 @@ def moe_decode_call(spec: MoeSpec, weights: List[mx.array], x: mx.array, inds: m
     )
 
 
-def run_moe_decode_kernel(factory: km.KernelFactory, block: nn.Module, x: mx.array, inds: mx.array,
+def run_moe_decode_kernel(factory: registry.KernelFactory, block: nn.Module, x: mx.array, inds: mx.array,
                           scores: mx.array) -> mx.array:
     """The routed experts, weighted sum and shared expert through the kernel (no checks, no fallback).
 
@@ -245,7 +247,7 @@ def run_moe_decode_kernel(factory: km.KernelFactory, block: nn.Module, x: mx.arr
     inds2 = inds.reshape(-1, k).astype(mx.uint32)
     scores2 = scores.reshape(-1, k).astype(mx.float32)
     weights = _weights(block)
-    kernel = km._kernel(factory, "moe_decode.metal", "qnext_moe_decode", MOE_INPUTS, MOE_OUTPUTS)
+    kernel = registry.kernel_object(factory, "moe_decode.metal", "qnext_moe_decode", MOE_INPUTS, MOE_OUTPUTS)
     (h,) = kernel(**moe_decode_call(spec, weights, x2, inds2, scores2, 0))
     (y,) = kernel(**moe_decode_call(spec, weights, x2, inds2, scores2, 1, h, _out_dtype(block, x)))
     return y.reshape(*lead, H)
@@ -305,7 +307,7 @@ def _correctness_config(block: nn.Module, spec: MoeSpec, x: mx.array) -> Tuple:
 
 
 def _timed_choice(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array,
-                  factory: km.KernelFactory, timer: Timer, key: Tuple, error: float) -> km.KernelCheck:
+                  factory: registry.KernelFactory, timer: Timer, key: Tuple, error: float) -> registry.KernelCheck:
     """Time kernel and reference on the real inputs; the kernel is chosen only if faster."""
     mx.eval(x, inds, scores)  # time the MoE only, not what produced its inputs
     try:
@@ -314,18 +316,18 @@ def _timed_choice(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.arra
     except Exception as e:  # a launch failure on the real shapes
         detail = f"kernel failed to run: {type(e).__name__}: {e}"
         logger.warning("Metal kernel %s %s: %s; using %s", KERNEL_NAME, key, detail, REFERENCE_NAME)
-        return km.KernelCheck(False, float("inf"), detail)
+        return registry.KernelCheck(False, float("inf"), detail)
     if t_ker < t_ref:
         detail = f"kernel {t_ker:.0f} us vs {REFERENCE_NAME} {t_ref:.0f} us"
         logger.info("Metal kernel %s %s: using the kernel (%s)", KERNEL_NAME, key, detail)
-        return km.KernelCheck(True, error, detail, f"{key[-1]}: {detail}")
+        return registry.KernelCheck(True, error, detail, f"{key[-1]}: {detail}")
     detail = f"kept {REFERENCE_NAME}: {t_ref:.0f} us vs kernel {t_ker:.0f} us"
     logger.info("Metal kernel %s %s: %s", KERNEL_NAME, key, detail)
-    return km.KernelCheck(False, error, detail)
+    return registry.KernelCheck(False, error, detail)
 
 
 def moe_decode(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array, *,
-               kernel_factory: Optional[km.KernelFactory] = None,
+               kernel_factory: Optional[registry.KernelFactory] = None,
                timer: Optional[Timer] = None) -> Optional[mx.array]:
     """The block's decode output through the kernel, or None where the caller must run the reference.
 
@@ -347,22 +349,22 @@ def moe_decode(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array, 
     factory = kernel_factory
     decide = False
     if factory is None:
-        if not km._metal_available():
+        if not registry.metal_available():
             return None
         factory, decide = mx.fast.metal_kernel, True
     T = x.size // x.shape[-1]
-    if not 1 <= T <= km.MAX_DECODE_T or x.dtype not in _DTYPES:
+    if not 1 <= T <= registry.MAX_DECODE_T or x.dtype not in _DTYPES:
         return None
     spec = moe_spec(block)
     if spec is None or x.shape[-1] != spec.hidden or inds.shape[-1] != spec.top_k:
         return None
     if decide:
         config = _correctness_config(block, spec, x)
-        if not km._verified(KERNEL_NAME, config, factory):
+        if not registry.is_verified(KERNEL_NAME, config, factory):
             return None
         key = config + (f"H={spec.hidden} I={spec.inter} SI={spec.shared_inter} E={spec.num_experts} T={T}",)
-        error = km._VERIFIED[KERNEL_NAME][config].max_error
-        check = km.decide_once(KERNEL_NAME, key, lambda: _timed_choice(
+        error = registry.recorded_check(KERNEL_NAME, config).max_error
+        check = registry.decide_once(KERNEL_NAME, key, lambda: _timed_choice(
             block, x, inds, scores, factory, timer or time_us, key, error))
         if not check.ok:
             return None
@@ -378,21 +380,10 @@ def moe_decode(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array, 
 DEFAULT_CONFIG = ("bfloat16", "bfloat16", "4/64,4/64,4/64,4/64,8/64", 10)
 
 
-def small_block(quant: Tuple[Tuple[int, int], ...], top_k: int, scales_dtype: Any = mx.float32,
-                hidden: int = 256, inter: int = 128, shared_inter: int = 128, num_experts: int = 16,
-                seed: int = 0) -> nn.Module:
-    """A random ``SparseMoeBlock`` quantized as ``quant`` (see :class:`MoeSpec`), scales in
-    ``scales_dtype``; the router stays float (the kernel takes the routing as input)."""
-    from ..config import ModelConfig
-    from ..models.qwen3_next import SparseMoeBlock  # the model imports this module
-
-    cfg = ModelConfig.from_dict(dict(
-        vocab_size=64, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=inter,
-        shared_expert_intermediate_size=shared_inter,
-    ))
-    mx.random.seed(seed)
-    block = SparseMoeBlock(cfg)
+def quantize_moe_block(block: nn.Module, quant: Tuple[Tuple[int, int], ...], scales_dtype: Any = mx.float32) -> nn.Module:
+    """Quantize a block with ``SparseMoeBlock``'s layout in place as ``quant`` (see
+    :class:`MoeSpec`), scales in ``scales_dtype``; the router stays float (the kernel
+    takes the routing as input). Returns ``block`` with its parameters evaluated."""
     block.set_dtype(scales_dtype)
     by_path = {
         "switch_mlp.gate_proj": quant[0], "switch_mlp.up_proj": quant[0], "switch_mlp.down_proj": quant[1],
@@ -407,6 +398,23 @@ def small_block(quant: Tuple[Tuple[int, int], ...], top_k: int, scales_dtype: An
     nn.quantize(block, class_predicate=predicate)
     mx.eval(block.parameters())
     return block
+
+
+def small_block(quant: Tuple[Tuple[int, int], ...], top_k: int, scales_dtype: Any = mx.float32,
+                hidden: int = 256, inter: int = 128, shared_inter: int = 128, num_experts: int = 16,
+                seed: int = 0) -> nn.Module:
+    """A random block with ``SparseMoeBlock``'s parameters (``gate``, ``switch_mlp``,
+    ``shared_expert``, ``shared_expert_gate``; mlx-lm's layers) and ``top_k``, quantized
+    by :func:`quantize_moe_block`: what the kernel reads, for verification (it is not
+    callable as a block; the model's ``SparseMoeBlock`` is)."""
+    mx.random.seed(seed)
+    block = nn.Module()
+    block.gate = nn.Linear(hidden, num_experts, bias=False)
+    block.switch_mlp = SwitchGLU(hidden, inter, num_experts)
+    block.shared_expert = Qwen3NextMLP(hidden, shared_inter)
+    block.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+    block.top_k = top_k
+    return quantize_moe_block(block, quant, scales_dtype)
 
 
 def small_routing(T: int, top_k: int, num_experts: int, seed: int = 0) -> Tuple[mx.array, mx.array]:
@@ -432,14 +440,14 @@ def small_routing(T: int, top_k: int, num_experts: int, seed: int = 0) -> Tuple[
     return inds, scores
 
 
-def _verify_moe_decode(factory: km.KernelFactory, config: Optional[Tuple]) -> Tuple[bool, float, str]:
+def _verify_moe_decode(factory: registry.KernelFactory, config: Optional[Tuple]) -> Tuple[bool, float, str]:
     """Verifier of ``moe_decode``: ``config`` ``(x dtype, scales dtype, quant string, top-k)``
     (:func:`quant_string`; e.g. :data:`DEFAULT_CONFIG`); H=256, I=SI=128, E=max(16, 2k),
     T=3 tokens sharing experts."""
     dt, sdt, quant, k = config or DEFAULT_CONFIG
-    dtype = km._dtype(dt)
+    dtype = registry.dtype_from_name(dt)
     try:
-        block = small_block(_parse_quant(quant), k, km._dtype(sdt), num_experts=max(16, 2 * k))
+        block = small_block(_parse_quant(quant), k, registry.dtype_from_name(sdt), num_experts=max(16, 2 * k))
         x = mx.random.normal((1, 3, 256), key=mx.random.key(1)).astype(dtype)
         inds, scores = small_routing(3, k, max(16, 2 * k))
         got = run_moe_decode_kernel(factory, block, x, inds, scores)
@@ -456,7 +464,7 @@ def _verify_moe_decode(factory: km.KernelFactory, config: Optional[Tuple]) -> Tu
         return False, float("inf"), f"kernel failed to run: {type(e).__name__}: {e}"
     # float32: summation order only; 16-bit: the output's rounding (2^-9 for
     # bfloat16) and the reference's float32 products.
-    return km.compare_outputs(["y"], [got], [ref], 1e-4 if dtype == mx.float32 else 1e-2)
+    return registry.compare_outputs(["y"], [got], [ref], 1e-4 if dtype == mx.float32 else 1e-2)
 
 
-km.register_kernel(KERNEL_NAME, _verify_moe_decode, DEFAULT_CONFIG)
+registry.register_kernel(KERNEL_NAME, _verify_moe_decode, DEFAULT_CONFIG)

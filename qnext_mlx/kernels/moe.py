@@ -33,7 +33,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 
-from .linear import cpu_lanes, dequantized, lane_contexts
+from .lanes import cpu_lanes, lane_contexts
+from .linear import dequantized
 
 __all__ = [
     "MIN_DENSE_EXPERT_ROWS",

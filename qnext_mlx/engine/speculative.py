@@ -16,7 +16,7 @@ the final hidden state h_t and token t+1. Each decode *step* here:
    acceptances sample a bonus token from p_K), so the output is distributed
    exactly as plain sampling with the same settings and logits processors.
    Both p and q are the distributions mlx-lm's sampler draws from
-   (:func:`sampling_distribution`).
+   (:func:`~qnext_mlx.engine.sampling.sampling_distribution`).
 4. **Rolls back** the rejected tail without recomputation: DeltaNet layers take
    the per-token states of the verify pass, attention layers trim their KV, the
    MTP KV cache drops the entries built on draft hidden states.
@@ -43,18 +43,17 @@ On a GPU the batched matmuls may round differently from single-row ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from .primitives import StopCheck, eval_cache, forward, generation_stream, prefill
+from .sampling import LogitsProcessor, sampling_distribution
 
 MAX_DRAFT_TOKENS = 4
 # Drafts per step when not asked (see scripts/bench_mtp.py for the measurements).
 DEFAULT_NUM_DRAFT_TOKENS = 2
-
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
 
 # ------------------------------------------------------------------ defaults
 def mtp_available(model) -> bool:
@@ -135,37 +134,6 @@ class MTPDecoding:
     def __post_init__(self):
         if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(f"num_draft_tokens must be in 1..{MAX_DRAFT_TOKENS}, got {self.num_draft_tokens}")
-
-
-def filter_logprobs(logprobs: mx.array, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array:
-    """The filters of mlx-lm's ``make_sampler``, in its order (top-p, min-p, top-k),
-    with its own functions: removed tokens get ``-inf``. ``logprobs``: ``[N, vocab]``."""
-    if 0 < top_p < 1.0:
-        logprobs = apply_top_p(logprobs, top_p)
-    if min_p != 0.0:
-        logprobs = apply_min_p(logprobs, min_p, 1)
-    if top_k > 0:
-        logprobs = apply_top_k(logprobs, top_k)
-    return logprobs
-
-
-def sampling_distribution(logprobs: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0,
-                          min_p: float = 0.0) -> mx.array:
-    """The distribution mlx-lm's ``make_sampler(temp, top_p, min_p, top_k=top_k)`` samples from.
-
-    mlx-lm filters the log-probabilities (:func:`filter_logprobs`) and then draws
-    ``categorical(logprobs * (1 / temp))``, i.e. from ``softmax(filtered / temp)``.
-
-    Args:
-        logprobs: ``[N, vocab]`` normalised log-probabilities (after logits processors).
-        temp: > 0 (greedy has no distribution to speak of).
-    Returns:
-        ``[N, vocab]`` float32 probabilities.
-    """
-    if not temp > 0:
-        raise ValueError(f"sampling_distribution needs temp > 0, got {temp}")
-    x = filter_logprobs(logprobs, top_p, top_k, min_p)
-    return mx.softmax((x * (1.0 / temp)).astype(mx.float32), axis=-1)
 
 
 def accept_drafts(target: mx.array, draft: Optional[mx.array], drafts: mx.array,
@@ -350,9 +318,9 @@ def speculative_generate_tokens(
     prefill_step_size: int = 2048,
     progress: Optional[bool] = None,
     checkpoint_at: Sequence[int] = (),
-    should_stop: Optional[Callable[[], bool]] = None,
+    should_stop: Optional[StopCheck] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
-    """The MTP counterpart of :func:`qnext_mlx.generate.generate_tokens` (same
+    """The MTP counterpart of :func:`qnext_mlx.engine.decode.generate_tokens` (same
     contract): yields ``(token, logprobs [vocab])`` for up to ``max_tokens`` tokens.
 
     The cache must hold a prefix of ``prompt``; the rest is prefilled (MTP head
@@ -364,8 +332,6 @@ def speculative_generate_tokens(
     the cache (MTP part included: each chunk's pairs are fed with it) holds the
     prompt prefix processed so far.
     """
-    from .generate import _eval_cache, _mlx_generate, forward, prefill  # generate imports this module lazily
-
     if not mtp_available(model):
         raise ValueError("this model has no MTP head (no mtp.* tensors); decode without MTP")
     prompt = list(prompt)
@@ -378,7 +344,7 @@ def speculative_generate_tokens(
     stats = decoding.stats
     stats.num_draft_tokens = K
     processors = list(logits_processors or [])
-    stream = _mlx_generate.generation_stream
+    stream = generation_stream
     known = list(prompt)  # every token fed to the model or sampled
     feed = _MTPFeed(model, cache, known, prefill_step_size)
     history = mx.array(prompt, dtype=mx.int32) if processors else None
@@ -443,7 +409,7 @@ def speculative_generate_tokens(
                 feed.add(h_last)
                 y = None
             feed.run(min(feed.pending(), len(known) - 1 - feed.offset))
-            _eval_cache(cache)
+            eval_cache(cache)
 
     try:
         stats.from_draft = False

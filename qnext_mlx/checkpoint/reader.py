@@ -16,22 +16,19 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from .config import ModelConfig
-from .errors import CheckpointError, ModelNotFoundError
-from .kernels.linear import use_fast_linears
-from .models import Model
-from .models.qwen3_next import SHIFTED_NORMS
+from ..errors import CheckpointError, ModelNotFoundError
+from ..kernels.linear import use_fast_linears
+from ..model import Model, ModelConfig
+from ..model.qwen3_next import SHIFTED_NORMS
+from .paths import resolve_model_path
 
 # safetensors dtype name -> bytes per element
-_ST_DTYPE_SIZE = {
+ST_DTYPE_SIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
     "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
-# Files next to the weights that a model folder needs (downloads ask for these only).
-MODEL_FILE_PATTERNS = [
-    "*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "*.md",
-]
 # A model folder's tokenizer: at least one of these (transformers 5 builds an empty
 # tokenizer from a folder without any, instead of failing).
 TOKENIZER_FILE_PATTERNS = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
@@ -70,7 +67,7 @@ def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]
             count = 1
             for s in shape:
                 count *= int(s)
-            nbytes = count * _ST_DTYPE_SIZE[dtype]
+            nbytes = count * ST_DTYPE_SIZE[dtype]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path.name}: corrupt header entry for tensor {name!r}") from None
         if end - begin != nbytes or begin < 0:
@@ -115,32 +112,6 @@ def load_weights_lazy(model_path: Path) -> Dict[str, mx.array]:
         except Exception as e:  # MLX raises RuntimeError/ValueError for unreadable files
             raise CheckpointError(f"{path.name}: cannot be read as safetensors ({e})") from None
     return weights
-
-
-def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
-    """A local model folder for a path, or for a Hugging Face repo id via the hub cache.
-
-    Raises :class:`ModelNotFoundError` with what to do when neither works.
-    """
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelNotFoundError(f"{path} is a file; --model takes a model folder or a Hugging Face repo id")
-        return path
-    text = str(path_or_repo)
-    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
-    if not looks_like_repo:
-        raise ModelNotFoundError(f"model folder {text} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, allow_patterns=MODEL_FILE_PATTERNS))
-    except Exception as e:  # network, auth, unknown repo: one line, with the fix
-        kind = type(e).__name__
-        raise ModelNotFoundError(
-            f"could not get {text} from the Hugging Face Hub ({kind}). Check the repo id and your network, "
-            f"or download it once with `huggingface-cli download {text}` and pass the local folder to --model"
-        ) from None
 
 
 def _infer_mtp_layers(weights: Iterable[str]) -> int:
@@ -227,7 +198,7 @@ def load_model(
         lazy: leave weights memory-mapped until first use (default) instead of
             reading them all now.
     Returns:
-        The :class:`qnext_mlx.models.Model` with weights loaded; ``model(ids)``
+        The :class:`qnext_mlx.model.Model` with weights loaded; ``model(ids)``
         gives logits ``[B, L, vocab]``.
     """
     model_path = resolve_model_path(path)
@@ -256,8 +227,6 @@ def load(path_or_repo: str | os.PathLike, dtype: Optional[mx.Dtype] = None, lazy
     Raises :class:`ModelNotFoundError` (before reading any weights) when the
     folder has no tokenizer files; :func:`load_model` loads the model alone.
     """
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
     model_path = resolve_model_path(path_or_repo)
     check_tokenizer_files(model_path)
     model = load_model(model_path, dtype=dtype, lazy=lazy)

@@ -17,25 +17,23 @@ not in the corners: it ignores ``attention_factor`` and ``truncate``, treats
 ``original_max_position_embeddings = 4096`` when the key is missing (transformers
 falls back to ``max_position_embeddings``). Hence this module.
 
-Also here: the long-context command-line options shared by every entry point
-(:func:`add_rope_arguments`, :func:`apply_rope_arguments`).
+Also here: what the long-context options ask for (:func:`rope_override`) and
+applying it to a model (:func:`apply_rope_options`); the command-line flags
+themselves are in :mod:`qnext_mlx.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..errors import ConfigError
 from .config import ModelConfig
-from .errors import ConfigError
 
 # --max-context picks the smallest YaRN factor in these steps that covers the request.
 FACTOR_STEP = 0.5
@@ -234,71 +232,23 @@ def yarn_scaling(factor: float, original: int) -> Dict[str, Any]:
     return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original)}
 
 
-# ----------------------------------------------------------------- command-line options
-def _factor(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
-    if not math.isfinite(v) or v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
-    return v
-
-
-def _tokens(text: str) -> int:
-    """A positive token count; accepts 262144, 256K / 256k (x1024), 1M (x1024^2)."""
-    t = text.strip()
-    mult = 1
-    if t[-1:] in ("k", "K"):
-        mult, t = 1024, t[:-1]
-    elif t[-1:] in ("m", "M"):
-        mult, t = 1024 * 1024, t[:-1]
-    try:
-        v = int(t.replace("_", "").replace(",", "")) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive token count (e.g. 262144, 256K, 1M), got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive token count, got {text!r}")
-    return v
-
-
-def add_rope_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the long-context options to an entry point's parser.
-
-    ``--rope-scaling {yarn,none}``, ``--rope-factor F``, ``--original-max-position-embeddings N``
-    and ``--max-context N`` (picks the smallest adequate factor). They override
-    whatever RoPE scaling config.json has; see :func:`apply_rope_arguments`.
-    """
-    g = parser.add_argument_group(
-        "long context (RoPE scaling; overrides config.json)",
-        "The model is trained on 262,144 positions; YaRN stretches that. Use the smallest factor "
-        "your workload needs: static YaRN can hurt short texts.",
-    )
-    g.add_argument("--rope-scaling", choices=["yarn", "none"], default=None,
-                   help="'yarn' to enable YaRN (with --rope-factor or --max-context), 'none' to turn "
-                        "off scaling that config.json enables")
-    ex = g.add_mutually_exclusive_group()
-    ex.add_argument("--rope-factor", type=_factor, default=None, metavar="F",
-                    help="YaRN factor: context = F x original window (4.0 -> about 1M tokens, 2.0 -> 512K)")
-    ex.add_argument("--max-context", type=_tokens, default=None, metavar="N",
-                    help="tokens you need (e.g. 1000000 or 1M): picks the smallest YaRN factor, in steps of "
-                         f"{FACTOR_STEP}, that covers N, or none if N fits the native window; chat, server "
-                         "and app also take N as the longest prompt + reply")
-    g.add_argument("--original-max-position-embeddings", type=_tokens, default=None, metavar="N",
-                   help="the pre-training window YaRN stretches (default: from config.json, 262144 for Qwen3-Next)")
-
-
-def rope_override(args: argparse.Namespace, cfg: ModelConfig) -> Tuple[bool, Optional[Dict[str, Any]], str]:
+# --------------------------------------------------------------- long-context options
+def rope_override(options: Any, cfg: ModelConfig) -> Tuple[bool, Optional[Dict[str, Any]], str]:
     """What the long-context options ask for, given the checkpoint's config.
+
+    ``options``: any object with the attributes the long-context flags set
+    (``rope_scaling``, ``rope_factor``, ``max_context``,
+    ``original_max_position_embeddings``; missing ones count as not given), e.g.
+    the namespace parsed by :func:`qnext_mlx.cli.add_rope_arguments`'s options.
 
     Returns ``(changed, rope_scaling or None, message)``; ``changed`` is False when
     no option was given (the config stays as it is). Raises :class:`ConfigError`
     for contradictory options.
     """
-    mode = getattr(args, "rope_scaling", None)
-    factor = getattr(args, "rope_factor", None)
-    max_context = getattr(args, "max_context", None)
-    original = getattr(args, "original_max_position_embeddings", None)
+    mode = getattr(options, "rope_scaling", None)
+    factor = getattr(options, "rope_factor", None)
+    max_context = getattr(options, "max_context", None)
+    original = getattr(options, "original_max_position_embeddings", None)
     if mode is None and factor is None and max_context is None and original is None:
         return False, None, ""
     if factor is not None and max_context is not None:
@@ -335,41 +285,27 @@ def _beyond_note(factor: float) -> str:
     return ""
 
 
-def load_config(path_or_repo: Union[str, os.PathLike]) -> ModelConfig:
-    """``ModelConfig`` from a model folder, a ``config.json`` file, or a Hugging Face repo id."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_file():
-        return ModelConfig.from_file(path)
-    from .loading import resolve_model_path
-
-    return ModelConfig.from_file(resolve_model_path(path_or_repo))
-
-
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def apply_rope_arguments(args: argparse.Namespace, target, log: Optional[Callable[[str], None]] = _to_stderr) -> ModelConfig:
-    """Apply the long-context options to a model, a config, or a model path.
+def apply_rope_options(
+    options: Any, target, log: Optional[Callable[[str], None]] = _to_stderr
+) -> ModelConfig:
+    """Apply the long-context options (see :func:`rope_override`) to a model or a config.
 
     Args:
-        args: parsed arguments of a parser given :func:`add_rope_arguments`.
-        target: a loaded :class:`qnext_mlx.models.Model` (its RoPE modules are
-            rebuilt in place), a :class:`ModelConfig`, or a model folder /
-            ``config.json`` / repo id.
+        options: the parsed long-context options.
+        target: a loaded :class:`qnext_mlx.model.Model` (its RoPE modules are
+            rebuilt in place) or a :class:`ModelConfig`.
         log: called with the one-line summary of the choice (default: print to
             stderr; None: silent).
     Returns:
         The effective :class:`ModelConfig` (the same object when no option was given).
     """
-    is_model = hasattr(target, "layers") and isinstance(getattr(target, "config", None), ModelConfig)
-    if is_model:
-        cfg = target.config
-    elif isinstance(target, ModelConfig):
-        cfg = target
-    else:
-        cfg = load_config(target)
-    changed, scaling, message = rope_override(args, cfg)
+    is_model = not isinstance(target, ModelConfig)
+    cfg = target.config if is_model else target
+    changed, scaling, message = rope_override(options, cfg)
     if not changed:
         return cfg
     new_cfg = cfg.with_rope_scaling(scaling)

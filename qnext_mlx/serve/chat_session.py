@@ -1,6 +1,7 @@
 """Conversation logic shared by the server, the terminal chat and the desktop app.
 
-One implementation of everything the three chat surfaces have in common:
+One implementation of everything the three chat surfaces have in common (the
+reply parser, reasoning and tool calls, is :mod:`qnext_mlx.serve.reply`):
 
 * :func:`render_prompt` / :meth:`ChatEngine.prepare`: messages (and tools) -> prompt
   text and token ids through the tokenizer's chat template (Qwen3's puts the tools
@@ -8,9 +9,7 @@ One implementation of everything the three chat surfaces have in common:
 * :class:`CachePool`: a few :class:`~qnext_mlx.cache.ModelCache` objects kept
   across requests; each prompt takes the one holding the longest prefix of it, so
   a follow-up message of the same conversation only prefills the new part;
-* :class:`ReplyParser`: splits the streamed reply into reasoning (``<think>``),
-  answer text and Qwen3 tool calls (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``);
-* :class:`ChatEngine`: runs one reply through :func:`qnext_mlx.generate.stream_generate`
+* :class:`ChatEngine`: runs one reply through :func:`qnext_mlx.engine.stream.stream_generate`
   (the only generation path, so speculative decoding there applies everywhere),
   with cancellation between prefill chunks and between tokens;
 * :class:`ChatSession`: one conversation (history, system message, sampling
@@ -22,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,29 +29,27 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .atomic import atomic_path
-from .cache import ModelCache
-from .config import ModelConfig
-from .errors import CacheError, QnextError
-from .generate import (
+from ..atomic import atomic_path
+from ..checkpoint.paths import REAL_MODEL_REPO, resolve_model_arg
+from ..checkpoint.reader import load
+from ..engine.primitives import generation_stream
+from ..engine.sampling import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
     DEFAULT_TEMP,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
-    _mlx_generate,
-    _stop_holdback,
     check_sampling,
-    prompt_opens_think,
-    stream_generate,
 )
-from .kernels.gated_delta_chunked import forget_lane_streams
-from .rope import apply_rope_arguments, context_window
+from ..engine.stream import stream_generate
+from ..engine.text import prompt_opens_think
+from ..errors import CacheError, QnextError
+from ..kernels.lanes import forget_lane_streams
+from ..model import ModelCache, ModelConfig
+from ..model.rope import apply_rope_options, context_window
+from .reply import Delta, ReplyParser
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 CONVERSATION_FORMAT = "qnext-mlx-conversation"
-generation_stream = _mlx_generate.generation_stream
 
 
 class ChatError(QnextError):
@@ -175,28 +173,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-# --------------------------------------------------------------- reply parts
-@dataclass
-class ToolCall:
-    """One function call of the reply: ``arguments`` is a JSON text, as OpenAI sends it."""
-
-    name: str
-    arguments: str
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
-
-    def to_openai(self) -> dict:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
-
-@dataclass
-class Delta:
-    """A piece of the reply: ``kind`` is "reasoning", "content" or "tool_call"."""
-
-    kind: str
-    text: str = ""
-    tool_call: Optional[ToolCall] = None
-
-
+# ------------------------------------------------------------- reply stats
 @dataclass
 class ReplyStats:
     """The end of a reply: why it stopped and how fast it went.
@@ -215,122 +192,6 @@ class ReplyStats:
     peak_memory: float = 0.0
     context_tokens: int = 0
     max_context: int = 0
-
-
-def parse_tool_call(raw: str) -> Optional[ToolCall]:
-    """The call in a ``<tool_call>`` span (``{"name": ..., "arguments": {...}}``), or None
-    when it is not such a JSON object."""
-    try:
-        obj = json.loads(raw.strip())
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            json.loads(args)
-        except ValueError:
-            return None
-        return ToolCall(obj["name"], args)
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
-
-
-class ReplyParser:
-    """Splits streamed reply text into reasoning, answer text and tool calls.
-
-    ``feed(text)`` takes pieces that may split a tag anywhere (a possible partial
-    tag is held back until the next piece decides) and returns :class:`Delta`
-    objects; ``finish()`` returns what is left. ``in_think=True`` starts inside a
-    ``<think>`` span (the prompt opened it). With ``parse_tools``, a ``<tool_call>``
-    span holding a valid call becomes a ``tool_call`` delta; an invalid or
-    unfinished one is passed on as text, so nothing the model wrote is lost.
-    Whitespace around the tags (the template's newlines) is dropped.
-    """
-
-    def __init__(self, in_think: bool = False, parse_tools: bool = False, raw: bool = False):
-        self.mode = "think" if in_think else "content"
-        self.parse_tools = parse_tools
-        self.raw = raw
-        self.tool_calls: List[ToolCall] = []
-        self._buf = ""
-        self._strip = in_think  # drop leading whitespace of the next span
-
-    def _tags(self) -> List[str]:
-        if self.mode == "think":
-            return [THINK_CLOSE]
-        if self.mode == "tool":
-            return [TOOL_CLOSE]
-        return [THINK_OPEN] + ([TOOL_OPEN] if self.parse_tools else [])
-
-    def _emit(self, kind: str, text: str, out: List[Delta]) -> None:
-        if self._strip:
-            text = text.lstrip()
-            if not text:
-                return
-            self._strip = False
-        if text:
-            if out and out[-1].kind == kind and kind != "tool_call":
-                out[-1].text += text
-            else:
-                out.append(Delta(kind, text))
-
-    def feed(self, text: str) -> List[Delta]:
-        if self.raw:
-            return [Delta("content", text)] if text else []
-        self._buf += text
-        out: List[Delta] = []
-        while True:
-            tags = self._tags()
-            hits = [(i, t) for t in tags for i in [self._buf.find(t)] if i >= 0]
-            if not hits:
-                hold = _stop_holdback(self._buf, tags)
-                ready = self._buf[: len(self._buf) - hold]
-                if self.mode == "tool":
-                    break  # the call is kept whole until its closing tag
-                # Trailing whitespace may precede a closing </think> or a <tool_call>
-                # (the template's newlines): hold it until more text decides.
-                ready = ready.rstrip()
-                self._buf = self._buf[len(ready):]
-                self._emit("reasoning" if self.mode == "think" else "content", ready, out)
-                break
-            i, tag = min(hits)
-            before, self._buf = self._buf[:i], self._buf[i + len(tag):]
-            if self.mode == "think":
-                self._emit("reasoning", before.rstrip(), out)
-                self.mode, self._strip = "content", True
-            elif self.mode == "tool":
-                call = parse_tool_call(before)
-                if call is None:
-                    self._emit("content", TOOL_OPEN + before + TOOL_CLOSE, out)
-                else:
-                    self.tool_calls.append(call)
-                    out.append(Delta("tool_call", tool_call=call))
-                self.mode, self._strip = "content", True
-            elif tag == THINK_OPEN:
-                self._emit("content", before, out)
-                self.mode, self._strip = "think", True
-            else:  # TOOL_OPEN
-                self._emit("content", before.rstrip(), out)
-                self.mode = "tool"
-        return out
-
-    def finish(self) -> List[Delta]:
-        """The rest: held-back text; an unfinished think span as reasoning; an
-        unfinished tool call as text."""
-        out: List[Delta] = []
-        text, self._buf = self._buf, ""
-        if self.mode == "think":
-            self._emit("reasoning", text.rstrip(), out)
-        elif self.mode == "tool":
-            self._strip = False
-            self._emit("content", TOOL_OPEN + text, out)
-        else:
-            self._emit("content", text, out)
-        self.mode = "content"
-        return out
 
 
 # -------------------------------------------------------------- cache reuse
@@ -395,23 +256,18 @@ def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, ro
 
     The model's arrays belong to the calling thread: call this on the thread that will
     generate. Raises :class:`QnextError` subclasses (one line) for a missing model or
-    tokenizer. ``rope_args``: parsed long-context options (:func:`qnext_mlx.rope.add_rope_arguments`;
+    tokenizer. ``rope_args``: parsed long-context options (:func:`qnext_mlx.cli.add_rope_arguments`;
     ``--max-context N`` is then both the conversation limit and, past the native window,
     the YaRN factor). ``engine_kwargs`` go to :class:`ChatEngine` (``cache_size``,
     ``kv_bits``, ``max_context``, ...).
     """
-    import sys
-
-    from .generate import REAL_MODEL_REPO, resolve_model_arg
-    from .loading import load
-
     path, is_demo = resolve_model_arg(model_arg)
     if is_demo and not quiet:
         print("note: running the bundled demo model (a tiny model for trying the tools offline). "
               f"For the real model pass --model {REAL_MODEL_REPO} or a local MLX conversion.", file=sys.stderr)
     model, tokenizer = load(path)  # a folder without tokenizer files: ModelNotFoundError
     if rope_args is not None:
-        apply_rope_arguments(rope_args, model)  # before the engine: cache fingerprints include it
+        apply_rope_options(rope_args, model)  # before the engine: cache fingerprints include it
     name = DEMO_MODEL_ID if is_demo else (Path(path).name if Path(path).exists() else str(path))
     return ChatEngine(model, tokenizer, **engine_kwargs), name
 

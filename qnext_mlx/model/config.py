@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 LINEAR, FULL = "linear_attention", "full_attention"
 

@@ -14,12 +14,14 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from ..config import ModelConfig
+from ..errors import CheckpointError
 from ..kernels.attention import attention
-from ..kernels.metal import gated_delta_decode
+from ..kernels.metal_gdn import gated_delta_decode
 from ..kernels.metal_moe import moe_combine, moe_decode
 from ..kernels.moe import grouped_switch_glu, switch_glu_lanes, use_grouped_experts
-from ..rope import build_rope
+from .cache import ModelCache
+from .config import ModelConfig
+from .rope import build_rope
 
 
 class RMSNorm(nn.RMSNorm):
@@ -101,7 +103,7 @@ class Attention(nn.Module):
 
 def make_rope(cfg: ModelConfig) -> nn.Module:
     """RoPE over the first ``cfg.rotary_dim`` dims of each head (half-split, not interleaved),
-    with linear or YaRN scaling computed as transformers does (see :mod:`qnext_mlx.rope`)."""
+    with linear or YaRN scaling computed as transformers does (see :mod:`qnext_mlx.model.rope`)."""
     return build_rope(cfg)
 
 
@@ -363,9 +365,7 @@ class Model(nn.Module):
         return (logits, h) if return_hidden else logits
 
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64):
-        """A fresh :class:`qnext_mlx.cache.ModelCache` for incremental decoding."""
-        from ..cache import ModelCache  # cache builds on the model's layer list
-
+        """A fresh :class:`qnext_mlx.model.cache.ModelCache` for incremental decoding."""
         return ModelCache.for_model(self, kv_bits=kv_bits, kv_group_size=kv_group_size)
 
     # ------------------------------------------------------------ checkpoints
@@ -407,8 +407,6 @@ class Model(nn.Module):
                 parts = [weights.pop(f"{prefix}.experts.{e}.{name}.weight", None) for e in range(cfg.num_experts)]
                 if any(p is None for p in parts):
                     missing = [e for e, p in enumerate(parts) if p is None]
-                    from ..errors import CheckpointError
-
                     raise CheckpointError(
                         f"checkpoint lacks expert(s) {missing[:8]}{'...' if len(missing) > 8 else ''} "
                         f"of {prefix}.experts.*.{name}.weight"

@@ -30,8 +30,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
-from .atomic import atomic_path
-from .errors import CacheError
+from ..atomic import atomic_path
+from ..errors import CacheError
 
 CACHE_FORMAT = "qnext-mlx-prompt-cache"
 CACHE_FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""The OpenAI wire format for :mod:`qnext_mlx.server`: request validation and response bodies.
+"""The OpenAI wire format for the HTTP server (:mod:`qnext_mlx.serve.http`): request validation and response bodies.
 
 No HTTP and no model here, so every rule can be tested on its own:
 
@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from .chat_session import ReplyStats, SamplingSettings, ToolCall
+from .chat_session import ReplyStats, SamplingSettings
+from .reply import ToolCall
 
 MAX_STOP_STRINGS = 16
 
