@@ -20,18 +20,25 @@ from .ui.desktop import ConversationStore, app_data_dir, run_app
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m qnext_mlx.app", description="Desktop chat app for Qwen3-Next in MLX.")
-    p.add_argument("--model", help="model folder or Hugging Face repo id (default: the last one used, "
-                                   "else the bundled demo model)")
+    p.add_argument(
+        "--model", help="model folder or Hugging Face repo id (default: the last one used, else the bundled demo model)"
+    )
     p.add_argument("--data-dir", help=f"folder for conversations and settings (default: {app_data_dir()})")
-    p.add_argument("--max-tokens", type=ranged(int, 1), default=None,
-                   help="most tokens per reply (default: the saved setting, 16384 at first)")
+    p.add_argument(
+        "--max-tokens",
+        type=ranged(int, 1),
+        default=None,
+        help="most tokens per reply (default: the saved setting, 16384 at first)",
+    )
     # --max-context N: the longest conversation, and YaRN when N exceeds the native window
     add_rope_arguments(p)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None,
-         load_engine: Optional[Callable[[Optional[str]], Tuple[ChatEngine, str]]] = None) -> int:
+def main(
+    argv: Optional[Sequence[str]] = None,
+    load_engine: Optional[Callable[[Optional[str]], Tuple[ChatEngine, str]]] = None,
+) -> int:
     """CLI entry point (``load_engine``: how to load a model, for embedding);
     returns the exit status (2 for user errors)."""
     args = build_parser().parse_args(argv)
@@ -43,9 +50,9 @@ def main(argv: Optional[Sequence[str]] = None,
         if args.max_tokens:
             settings.sampling.max_tokens = args.max_tokens
         if load_engine is None:
+
             def load_engine(model):
-                return load_chat_engine(model, quiet=True, max_context=args.max_context, rope_args=args,
-                                        cache_size=3)
+                return load_chat_engine(model, quiet=True, max_context=args.max_context, rope_args=args, cache_size=3)
 
         return run_app(store, settings, load_engine)
     except QnextError as e:

@@ -20,8 +20,12 @@ from .ui.terminal import ChatREPL
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m qnext_mlx.chat", description="Chat with Qwen3-Next in the terminal.")
     add_chat_options(p)
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
-                   help="dim the thinking and stats (auto: when the output is a terminal)")
+    p.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="dim the thinking and stats (auto: when the output is a terminal)",
+    )
     return p
 
 
@@ -39,8 +43,9 @@ def _run(args, engine: Optional[ChatEngine]) -> int:
     name = "model"
     if engine is None:
         print("loading the model ...", file=sys.stderr, flush=True)
-        engine, name = load_chat_engine(args.model, cache_size=1, kv_bits=args.kv_bits,
-                                        max_context=args.max_context, rope_args=args)
+        engine, name = load_chat_engine(
+            args.model, cache_size=1, kv_bits=args.kv_bits, max_context=args.max_context, rope_args=args
+        )
     elif args.max_context:
         engine.max_context = args.max_context
     session = ChatSession(engine, system=args.system, settings=settings_from_args(args))

@@ -96,25 +96,46 @@ def ranged(kind, lo=None, hi=None, lo_open=False):
 def add_sampling_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """``--temp``, ``--top-p``, ``--top-k`` and ``--min-p`` with the model card's defaults
     and their ranges (``prefix`` starts each help text, e.g. the server's "default ")."""
-    p.add_argument("--temp", type=ranged(float, 0), default=DEFAULT_TEMP,
-                   help=f"{prefix}sampling temperature; 0 = greedy (default {DEFAULT_TEMP})")
-    p.add_argument("--top-p", type=ranged(float, 0, 1, lo_open=True), default=DEFAULT_TOP_P,
-                   help=f"{prefix}nucleus sampling (default {DEFAULT_TOP_P})")
-    p.add_argument("--top-k", type=ranged(int, 0), default=DEFAULT_TOP_K,
-                   help=f"{prefix}top-k, 0 = off (default {DEFAULT_TOP_K})")
-    p.add_argument("--min-p", type=ranged(float, 0, 1), default=DEFAULT_MIN_P,
-                   help=f"{prefix}minimum probability relative to the top token (default {DEFAULT_MIN_P:g})")
+    p.add_argument(
+        "--temp",
+        type=ranged(float, 0),
+        default=DEFAULT_TEMP,
+        help=f"{prefix}sampling temperature; 0 = greedy (default {DEFAULT_TEMP})",
+    )
+    p.add_argument(
+        "--top-p",
+        type=ranged(float, 0, 1, lo_open=True),
+        default=DEFAULT_TOP_P,
+        help=f"{prefix}nucleus sampling (default {DEFAULT_TOP_P})",
+    )
+    p.add_argument(
+        "--top-k", type=ranged(int, 0), default=DEFAULT_TOP_K, help=f"{prefix}top-k, 0 = off (default {DEFAULT_TOP_K})"
+    )
+    p.add_argument(
+        "--min-p",
+        type=ranged(float, 0, 1),
+        default=DEFAULT_MIN_P,
+        help=f"{prefix}minimum probability relative to the top token (default {DEFAULT_MIN_P:g})",
+    )
 
 
 def add_chat_options(p: argparse.ArgumentParser) -> None:
     """Model and sampling options shared by the terminal chat and the desktop app's first start."""
     p.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled demo model)")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-tokens", type=ranged(int, 1), default=DEFAULT_MAX_TOKENS,
-                   help=f"most tokens per reply (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument(
+        "--max-tokens",
+        type=ranged(int, 1),
+        default=DEFAULT_MAX_TOKENS,
+        help=f"most tokens per reply (default {DEFAULT_MAX_TOKENS})",
+    )
     add_sampling_arguments(p)
-    p.add_argument("--presence-penalty", type=ranged(float, -2, 2), default=0.0,
-                   help="penalty for tokens already generated, 0..2 against repetition (default 0)")
+    p.add_argument(
+        "--presence-penalty",
+        type=ranged(float, -2, 2),
+        default=0.0,
+        help="penalty for tokens already generated, 0..2 against repetition (default 0)",
+    )
     p.add_argument("--seed", type=ranged(int, 0, 2**64 - 1), default=None, help="random seed")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
     # --max-context N: the conversation limit, and YaRN when N exceeds the native window
@@ -123,8 +144,15 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
     """The :class:`SamplingSettings` of :func:`add_chat_options`' flags."""
-    return SamplingSettings(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            presence_penalty=args.presence_penalty, max_tokens=args.max_tokens, seed=args.seed)
+    return SamplingSettings(
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
 
 
 # ---------------------------------------------------------------- long context
@@ -150,7 +178,9 @@ def parse_token_count(text: str) -> int:
     try:
         v = int(t.replace("_", "").replace(",", "")) * mult
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive token count (e.g. 262144, 256K, 1M), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a positive token count (e.g. 262144, 256K, 1M), got {text!r}"
+        ) from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive token count, got {text!r}")
     return v
@@ -168,18 +198,37 @@ def add_rope_arguments(parser: argparse.ArgumentParser) -> None:
         "The model is trained on 262,144 positions; YaRN stretches that. Use the smallest factor "
         "your workload needs: static YaRN can hurt short texts.",
     )
-    g.add_argument("--rope-scaling", choices=["yarn", "none"], default=None,
-                   help="'yarn' to enable YaRN (with --rope-factor or --max-context), 'none' to turn "
-                        "off scaling that config.json enables")
+    g.add_argument(
+        "--rope-scaling",
+        choices=["yarn", "none"],
+        default=None,
+        help="'yarn' to enable YaRN (with --rope-factor or --max-context), 'none' to turn "
+        "off scaling that config.json enables",
+    )
     ex = g.add_mutually_exclusive_group()
-    ex.add_argument("--rope-factor", type=parse_factor, default=None, metavar="F",
-                    help="YaRN factor: context = F x original window (4.0 -> about 1M tokens, 2.0 -> 512K)")
-    ex.add_argument("--max-context", type=parse_token_count, default=None, metavar="N",
-                    help="tokens you need (e.g. 1000000 or 1M): picks the smallest YaRN factor, in steps of "
-                         f"{FACTOR_STEP}, that covers N, or none if N fits the native window; chat, server "
-                         "and app also take N as the longest prompt + reply")
-    g.add_argument("--original-max-position-embeddings", type=parse_token_count, default=None, metavar="N",
-                   help="the pre-training window YaRN stretches (default: from config.json, 262144 for Qwen3-Next)")
+    ex.add_argument(
+        "--rope-factor",
+        type=parse_factor,
+        default=None,
+        metavar="F",
+        help="YaRN factor: context = F x original window (4.0 -> about 1M tokens, 2.0 -> 512K)",
+    )
+    ex.add_argument(
+        "--max-context",
+        type=parse_token_count,
+        default=None,
+        metavar="N",
+        help="tokens you need (e.g. 1000000 or 1M): picks the smallest YaRN factor, in steps of "
+        f"{FACTOR_STEP}, that covers N, or none if N fits the native window; chat, server "
+        "and app also take N as the longest prompt + reply",
+    )
+    g.add_argument(
+        "--original-max-position-embeddings",
+        type=parse_token_count,
+        default=None,
+        metavar="N",
+        help="the pre-training window YaRN stretches (default: from config.json, 262144 for Qwen3-Next)",
+    )
 
 
 def print_to_stderr(message: str) -> None:
@@ -187,8 +236,11 @@ def print_to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def apply_rope_arguments(args: argparse.Namespace, target: Union[ModelConfig, str, os.PathLike, object],
-                         log: Optional[Callable[[str], None]] = print_to_stderr) -> ModelConfig:
+def apply_rope_arguments(
+    args: argparse.Namespace,
+    target: Union[ModelConfig, str, os.PathLike, object],
+    log: Optional[Callable[[str], None]] = print_to_stderr,
+) -> ModelConfig:
     """Apply the long-context flags (:func:`add_rope_arguments`) to a loaded model (its RoPE
     modules are rebuilt in place), a :class:`ModelConfig`, or a model folder / ``config.json``
     / repo id; returns the effective config. ``log`` gets the one-line summary of the

@@ -27,14 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-bits", type=int, choices=QUANT_BITS, help="bits per weight; implies -q")
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size")
     p.add_argument("--dtype", choices=DTYPES, help="float dtype of the output (default: the config's)")
-    p.add_argument("--recipe", choices=RECIPES,
-                   help="default: gates at 8 bits, the rest at --q-bits; mixed: also embeddings/head at 8, "
-                        "attention and shared experts at 6 (see qnext_mlx/checkpoint/quant_recipes.py); implies -q")
+    p.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        help="default: gates at 8 bits, the rest at --q-bits; mixed: also embeddings/head at 8, "
+        "attention and shared experts at 6 (see qnext_mlx/checkpoint/quant_recipes.py); implies -q",
+    )
     p.add_argument("--drop-mtp", action="store_true", help="leave out the MTP head (mtp.* tensors)")
     p.add_argument("--upload-repo", help="push the result to this Hugging Face repo")
     p.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
-                   help="output shard size, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="output shard size, e.g. 5GB or 500MB (default 5GB)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_rope_arguments(p)  # written into the output's config.json
     return p
@@ -46,9 +50,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def run() -> int:
         convert(
-            args.hf_path, args.mlx_path, q_bits=bits, q_group_size=args.q_group_size, dtype=args.dtype,
-            recipe=args.recipe, drop_mtp=args.drop_mtp, upload_repo=args.upload_repo, force=args.force,
-            max_shard_size=args.max_shard_size, progress=not args.quiet, rope_args=args,
+            args.hf_path,
+            args.mlx_path,
+            q_bits=bits,
+            q_group_size=args.q_group_size,
+            dtype=args.dtype,
+            recipe=args.recipe,
+            drop_mtp=args.drop_mtp,
+            upload_repo=args.upload_repo,
+            force=args.force,
+            max_shard_size=args.max_shard_size,
+            progress=not args.quiet,
+            rope_args=args,
         )
         return 0
 

@@ -35,32 +35,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt; '-' reads it from stdin")
     p.add_argument("--system", help="system message (chat template)")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
-    p.add_argument("--max-tokens", type=ranged(int, 1), default=DEFAULT_MAX_TOKENS,
-                   help=f"most tokens to generate (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument(
+        "--max-tokens",
+        type=ranged(int, 1),
+        default=DEFAULT_MAX_TOKENS,
+        help=f"most tokens to generate (default {DEFAULT_MAX_TOKENS})",
+    )
     add_sampling_arguments(p)
-    p.add_argument("--presence-penalty", type=ranged(float, -2, 2), default=0.0,
-                   help="penalty for tokens already generated, 0..2 against repetition (default 0)")
-    p.add_argument("--repetition-penalty", type=ranged(float, 0, lo_open=True), default=None,
-                   help="multiplicative penalty over the last 20 tokens (default off)")
+    p.add_argument(
+        "--presence-penalty",
+        type=ranged(float, -2, 2),
+        default=0.0,
+        help="penalty for tokens already generated, 0..2 against repetition (default 0)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=ranged(float, 0, lo_open=True),
+        default=None,
+        help="multiplicative penalty over the last 20 tokens (default off)",
+    )
     p.add_argument("--seed", type=ranged(int, 0, 2**64 - 1), default=None, help="random seed (reproducible sampling)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
-    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64,
-                   help="group size of the quantized KV cache (default 64)")
-    p.add_argument("--prefill-step-size", type=ranged(int, 1), default=DEFAULT_PREFILL_STEP_SIZE,
-                   help=f"prompt chunk size (default {DEFAULT_PREFILL_STEP_SIZE})")
-    p.add_argument("--prompt-cache", metavar="FILE",
-                   help="load the cache from FILE when it exists, reuse it, and save it back afterwards")
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=64,
+        help="group size of the quantized KV cache (default 64)",
+    )
+    p.add_argument(
+        "--prefill-step-size",
+        type=ranged(int, 1),
+        default=DEFAULT_PREFILL_STEP_SIZE,
+        help=f"prompt chunk size (default {DEFAULT_PREFILL_STEP_SIZE})",
+    )
+    p.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        help="load the cache from FILE when it exists, reuse it, and save it back afterwards",
+    )
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the model's reasoning (<think> spans)")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
-                   help="show the reasoning dimmed (auto: when the output is a terminal); without colour it is "
-                        "marked [thinking] ... [/thinking]")
-    p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
-                   help="speculative decoding with the model's MTP head (same output); default: on when the "
-                        "model has one and MTP is faster on this backend (GPU: on, CPU backend: off)")
-    p.add_argument("--num-draft-tokens", type=ranged(int, 1, speculative.MAX_DRAFT_TOKENS), default=None,
-                   metavar="K", help=f"MTP draft tokens per step, 1..{speculative.MAX_DRAFT_TOKENS} "
-                                     f"(default {speculative.DEFAULT_NUM_DRAFT_TOKENS})")
+    p.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="show the reasoning dimmed (auto: when the output is a terminal); without colour it is "
+        "marked [thinking] ... [/thinking]",
+    )
+    p.add_argument(
+        "--mtp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="speculative decoding with the model's MTP head (same output); default: on when the "
+        "model has one and MTP is faster on this backend (GPU: on, CPU backend: off)",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=ranged(int, 1, speculative.MAX_DRAFT_TOKENS),
+        default=None,
+        metavar="K",
+        help=f"MTP draft tokens per step, 1..{speculative.MAX_DRAFT_TOKENS} "
+        f"(default {speculative.DEFAULT_NUM_DRAFT_TOKENS})",
+    )
     p.add_argument("--verbose", action="store_true", help="also print model, prompt and cache details to stderr")
     add_rope_arguments(p)
     return p
@@ -118,11 +155,23 @@ def _run(args) -> int:
     interrupted = False
     try:
         for last in stream_generate(
-            model, tokenizer, ids, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-            top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
-            repetition_penalty=args.repetition_penalty, seed=args.seed, prompt_cache=cache,
-            prefill_step_size=args.prefill_step_size, stop_strings=args.stop, checkpoint_at=checkpoints,
-            mtp=args.mtp, num_draft_tokens=args.num_draft_tokens,
+            model,
+            tokenizer,
+            ids,
+            max_tokens=args.max_tokens,
+            temp=args.temp,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            presence_penalty=args.presence_penalty,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            prompt_cache=cache,
+            prefill_step_size=args.prefill_step_size,
+            stop_strings=args.stop,
+            checkpoint_at=checkpoints,
+            mtp=args.mtp,
+            num_draft_tokens=args.num_draft_tokens,
         ):
             show.write(think.feed_parts(last.text))
     except KeyboardInterrupt:
@@ -154,8 +203,10 @@ def mtp_stats_text(r: GenerationResponse) -> str:
     """`` | MTP K=2: 71.3% accepted, 2.43 tokens/step`` when MTP ran, else empty."""
     if not r.draft_tokens:
         return ""
-    return (f" | MTP K={r.draft_tokens}: {100 * (r.acceptance_rate or 0):.1f}% accepted, "
-            f"{r.mean_accepted_length or 0:.2f} tokens/step")
+    return (
+        f" | MTP K={r.draft_tokens}: {100 * (r.acceptance_rate or 0):.1f}% accepted, "
+        f"{r.mean_accepted_length or 0:.2f} tokens/step"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -30,22 +30,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="Memory needed to run a Qwen3-Next model at a given context, and whether it fits here.",
     )
     p.add_argument("--model", required=True, help="model folder, Hugging Face repo id, or a config.json file")
-    p.add_argument("--context", required=True, type=parse_token_count, help="context length in tokens (e.g. 262144, 256K, 1M)")
+    p.add_argument(
+        "--context", required=True, type=parse_token_count, help="context length in tokens (e.g. 262144, 256K, 1M)"
+    )
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantized KV cache (default 16-bit)")
-    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64,
-                   help="group size of the quantized KV cache (default 64)")
-    p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None,
-                   help="weight bits for the estimate when the model has no safetensors here (default: config's, else 16)")
-    p.add_argument("--prefill-step-size", "--prefill-chunk", dest="prefill_chunk", type=parse_token_count, default=DEFAULT_CHUNK,
-                   help=f"prompt tokens per prefill step, as given to generate (default {DEFAULT_CHUNK})")
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=64,
+        help="group size of the quantized KV cache (default 64)",
+    )
+    p.add_argument(
+        "--q-bits",
+        type=int,
+        choices=[2, 3, 4, 5, 6, 8],
+        default=None,
+        help="weight bits for the estimate when the model has no safetensors here (default: config's, else 16)",
+    )
+    p.add_argument(
+        "--prefill-step-size",
+        "--prefill-chunk",
+        dest="prefill_chunk",
+        type=parse_token_count,
+        default=DEFAULT_CHUNK,
+        help=f"prompt tokens per prefill step, as given to generate (default {DEFAULT_CHUNK})",
+    )
     p.add_argument("--mtp", action="store_true", help="include the MTP head's KV cache (speculative decoding with MTP)")
-    p.add_argument("--fused-attention", action="store_true",
-                   help="assume a fused (flash) attention prefill kernel: no score matrix in memory")
-    p.add_argument("--backend", choices=["auto", "metal", "cpu"], default="auto",
-                   help="plan for MLX's Metal or CPU backend (default: this machine's); the CPU backend keeps "
-                        "unquantized experts in float32 and unpacks quantized KV to float32 in attention")
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="plan against this much memory instead of this machine's (e.g. to plan for another Mac)")
+    p.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="assume a fused (flash) attention prefill kernel: no score matrix in memory",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "metal", "cpu"],
+        default="auto",
+        help="plan for MLX's Metal or CPU backend (default: this machine's); the CPU backend keeps "
+        "unquantized experts in float32 and unpacks quantized KV to float32 in attention",
+    )
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="plan against this much memory instead of this machine's (e.g. to plan for another Mac)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_rope_arguments(p)
     return p
@@ -65,10 +94,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = ModelConfig.from_file(model_path)
         cfg = apply_rope_arguments(args, cfg, log=None)  # the window the run would be configured with
         budget = int(args.budget_gib * GiB) if args.budget_gib else None
-        plan = make_plan(cfg, args.context, model_name=str(args.model), model_path=model_path,
-                         kv_bits=args.kv_bits, q_bits=args.q_bits, chunk=args.prefill_chunk, mtp=args.mtp,
-                         kv_group_size=args.kv_group_size, fused_attention=args.fused_attention,
-                         cpu_backend=None if args.backend == "auto" else args.backend == "cpu", budget=budget)
+        plan = make_plan(
+            cfg,
+            args.context,
+            model_name=str(args.model),
+            model_path=model_path,
+            kv_bits=args.kv_bits,
+            q_bits=args.q_bits,
+            chunk=args.prefill_chunk,
+            mtp=args.mtp,
+            kv_group_size=args.kv_group_size,
+            fused_attention=args.fused_attention,
+            cpu_backend=None if args.backend == "auto" else args.backend == "cpu",
+            budget=budget,
+        )
     except QnextError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

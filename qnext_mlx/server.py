@@ -26,24 +26,49 @@ from .serve.http import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m qnext_mlx.server",
-                description="OpenAI-compatible server for Qwen3-Next in MLX (chat, completions, tool calls).")
+    p = Parser(
+        prog="python -m qnext_mlx.server",
+        description="OpenAI-compatible server for Qwen3-Next in MLX (chat, completions, tool calls).",
+    )
     p.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled demo model)")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 opens it "
-                        f"to your network, without authentication)")
-    p.add_argument("--port", type=ranged(int, 0, 65535), default=DEFAULT_PORT,
-                   help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 opens it "
+        f"to your network, without authentication)",
+    )
+    p.add_argument(
+        "--port",
+        type=ranged(int, 0, 65535),
+        default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
     p.add_argument("--model-id", help="the model name clients see (default: the folder or repo name)")
-    p.add_argument("--max-queue", type=ranged(int, 1), default=DEFAULT_MAX_QUEUE,
-                   help=f"requests that may wait for the model; more are answered 503 (default {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--prompt-cache-size", type=ranged(int, 1), default=2,
-                   help="conversations whose prompt cache is kept between requests (default 2)")
-    p.add_argument("--max-request-mb", type=ranged(float, 0, lo_open=True), default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
-                   help="largest request body in MiB (default 8)")
+    p.add_argument(
+        "--max-queue",
+        type=ranged(int, 1),
+        default=DEFAULT_MAX_QUEUE,
+        help=f"requests that may wait for the model; more are answered 503 (default {DEFAULT_MAX_QUEUE})",
+    )
+    p.add_argument(
+        "--prompt-cache-size",
+        type=ranged(int, 1),
+        default=2,
+        help="conversations whose prompt cache is kept between requests (default 2)",
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=ranged(float, 0, lo_open=True),
+        default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
+        help="largest request body in MiB (default 8)",
+    )
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
-    p.add_argument("--max-tokens", type=ranged(int, 1), default=DEFAULT_MAX_TOKENS,
-                   help=f"default reply length limit (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument(
+        "--max-tokens",
+        type=ranged(int, 1),
+        default=DEFAULT_MAX_TOKENS,
+        help=f"default reply length limit (default {DEFAULT_MAX_TOKENS})",
+    )
     add_sampling_arguments(p, prefix="requests' default ")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     # --max-context N: the longest prompt + reply, and YaRN when N exceeds the native window
@@ -52,26 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     names = {}
 
     def load_engine() -> ChatEngine:
-        engine, names["model"] = load_chat_engine(args.model, cache_size=args.prompt_cache_size,
-                                                  kv_bits=args.kv_bits, max_context=args.max_context,
-                                                  rope_args=args)
+        engine, names["model"] = load_chat_engine(
+            args.model,
+            cache_size=args.prompt_cache_size,
+            kv_bits=args.kv_bits,
+            max_context=args.max_context,
+            rope_args=args,
+        )
         return engine
 
-    defaults = SamplingSettings(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                max_tokens=args.max_tokens)
+    defaults = SamplingSettings(
+        temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, max_tokens=args.max_tokens
+    )
     print("loading the model ...", file=sys.stderr, flush=True)
-    server = make_server(load_engine, args.model_id or "", args.host, args.port, max_queue=args.max_queue,
-                         max_request_bytes=int(args.max_request_mb * 2**20), defaults=defaults)
+    server = make_server(
+        load_engine,
+        args.model_id or "",
+        args.host,
+        args.port,
+        max_queue=args.max_queue,
+        max_request_bytes=int(args.max_request_mb * 2**20),
+        defaults=defaults,
+    )
     model_id = server.app.model_id = args.model_id or names["model"]
     host, port = server.server_address[:2]
     if not is_loopback(args.host):
-        print(f"warning: listening on {args.host}, reachable from other machines; there is no authentication",
-              file=sys.stderr)
+        print(
+            f"warning: listening on {args.host}, reachable from other machines; there is no authentication",
+            file=sys.stderr,
+        )
     print(f"serving {model_id} at http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

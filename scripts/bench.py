@@ -132,8 +132,9 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------- checkpoint
-def write_checkpoint(cfg: dict, out: Path, dtype=mx.float32, bits: int = 4,
-                     group_size: int = 64, seed: int = 0) -> Path:
+def write_checkpoint(
+    cfg: dict, out: Path, dtype=mx.float32, bits: int = 4, group_size: int = 64, seed: int = 0
+) -> Path:
     """Write one random, quantized MLX-layout checkpoint (``model.safetensors`` +
     ``config.json`` with its ``quantization`` section) that both engines load.
 
@@ -142,8 +143,8 @@ def write_checkpoint(cfg: dict, out: Path, dtype=mx.float32, bits: int = 4,
     with ``nn.quantize`` and the model's ``quant_predicate``. Written to a
     temporary folder then renamed.
     """
-    from qnext_mlx.model.config import ModelConfig
     from qnext_mlx.model import Model
+    from qnext_mlx.model.config import ModelConfig
 
     mx.random.seed(seed)
     model = Model(ModelConfig.from_dict(cfg))
@@ -201,8 +202,9 @@ def checkpoint_for(cfg: dict, out_dir: Path, dtype_name: str, seed: int) -> Path
 
 
 def load_engines(path: Path) -> Dict[str, nn.Module]:
-    import qnext_mlx
     from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    import qnext_mlx
 
     ours = qnext_mlx.load_model(path, lazy=False)
     theirs, _ = mlx_lm_load_model(Path(path), lazy=False)
@@ -280,12 +282,17 @@ def check_parity(models: Dict[str, nn.Module], vocab: int, length: int = 128) ->
     for name, m in models.items():
         cache = m.make_cache()
         toks[name] = decode(m, prefill(m, ids[:, :64], cache), cache, 8)
-    return {"prompt_tokens": length, "max_logit_diff": diff, "max_abs_logit": scale,
-            "greedy_tokens_match": toks["qnext_mlx"] == toks["mlx_lm"]}
+    return {
+        "prompt_tokens": length,
+        "max_logit_diff": diff,
+        "max_abs_logit": scale,
+        "greedy_tokens_match": toks["qnext_mlx"] == toks["mlx_lm"],
+    }
 
 
-def run(models: Dict[str, nn.Module], vocab: int, lengths: List[int], reps: int,
-        decode_tokens: int, decode_prompt: int) -> Dict:
+def run(
+    models: Dict[str, nn.Module], vocab: int, lengths: List[int], reps: int, decode_tokens: int, decode_prompt: int
+) -> Dict:
     """Prefill at each length (and decode after the ``decode_prompt``-token
     prefill), engines alternating; returns the best timings and memory peaks."""
     res = {name: {"prefill": {}, "peak_extra_bytes": 0} for name in models}
@@ -303,7 +310,7 @@ def run(models: Dict[str, nn.Module], vocab: int, lengths: List[int], reps: int,
     for L in sorted(set(lengths) | {decode_prompt}):
         ids = prompt(L, vocab, seed=L)
         for rep in range(reps if L <= 2048 else 1):
-            for name in (order if rep % 2 == 0 else order[::-1]):
+            for name in order if rep % 2 == 0 else order[::-1]:
                 m = models[name]
                 mx.clear_cache()
                 base = mx.get_active_memory()
@@ -313,16 +320,21 @@ def run(models: Dict[str, nn.Module], vocab: int, lengths: List[int], reps: int,
                     last = prefill(m, ids, cache)
                 if L in lengths:
                     keep_best(name, str(L), c.wall, c.cpu, L)
-                    log(f"  prefill {L:5d} {name:9s} rep {rep}: {L / c.wall:7.2f} tok/s "
-                        f"({c.wall:6.1f} s wall, {c.cpu:6.1f} s cpu)")
+                    log(
+                        f"  prefill {L:5d} {name:9s} rep {rep}: {L / c.wall:7.2f} tok/s "
+                        f"({c.wall:6.1f} s wall, {c.cpu:6.1f} s cpu)"
+                    )
                 if L == decode_prompt:
                     with Clock() as d:
                         toks = decode(m, last, cache, decode_tokens)
-                    keep_best(name, "decode", d.wall, d.cpu, decode_tokens,
-                              prompt_tokens=decode_prompt, tokens=decode_tokens)
+                    keep_best(
+                        name, "decode", d.wall, d.cpu, decode_tokens, prompt_tokens=decode_prompt, tokens=decode_tokens
+                    )
                     res[name]["decode_ids"] = toks
-                    log(f"  decode {decode_tokens} after {decode_prompt} {name:9s} rep {rep}: "
-                        f"{decode_tokens / d.wall:6.2f} tok/s ({d.wall:5.1f} s wall)")
+                    log(
+                        f"  decode {decode_tokens} after {decode_prompt} {name:9s} rep {rep}: "
+                        f"{decode_tokens / d.wall:6.2f} tok/s ({d.wall:5.1f} s wall)"
+                    )
                 peak = mx.get_peak_memory() - base
                 res[name]["peak_extra_bytes"] = max(res[name]["peak_extra_bytes"], peak)
                 del cache, last
@@ -373,8 +385,10 @@ def profile(model, length: int, hidden: int, seed: int = 5) -> Dict[str, float]:
     dn = next(l for l in layers if l.is_linear)
     at = next((l for l in layers if not l.is_linear), None)
     la = dn.linear_attn
-    inputs = {d: mx.random.normal((1, length, d), key=mx.random.key(seed + d)) for d in
-              {hidden, _in_dims(la.out_proj)} | ({_in_dims(at.self_attn.o_proj)} if at is not None else set())}
+    inputs = {
+        d: mx.random.normal((1, length, d), key=mx.random.key(seed + d))
+        for d in {hidden, _in_dims(la.out_proj)} | ({_in_dims(at.self_attn.o_proj)} if at is not None else set())
+    }
     mx.eval(inputs)
     x = inputs[hidden]
     out = {}
@@ -400,8 +414,10 @@ def profile(model, length: int, hidden: int, seed: int = 5) -> Dict[str, float]:
     if at is not None:
         sa = at.self_attn
         o_in = _in_dims(sa.o_proj)
-        timed("attn.projections", lambda n: [sa.q_proj(x[:, :n]), sa.k_proj(x[:, :n]), sa.v_proj(x[:, :n]),
-                                             sa.o_proj(inp(o_in, n))])
+        timed(
+            "attn.projections",
+            lambda n: [sa.q_proj(x[:, :n]), sa.k_proj(x[:, :n]), sa.v_proj(x[:, :n]), sa.o_proj(inp(o_in, n))],
+        )
         timed("attn.sdpa+norms+rope", lambda n: sa(x[:, :n], mask="causal", cache=None), sub=("attn.projections",))
     moe = dn.mlp
     timed("moe.router", lambda n: moe.gate(x[:, :n]))
@@ -451,7 +467,8 @@ def write_chart(result: Dict, path: Path) -> Optional[Path]:
     ax.set_title(
         f"hidden {cfg['hidden_size']}, {cfg['num_hidden_layers'] - n_attn} DeltaNet + {n_attn} attention layers, "
         f"{cfg['num_experts']} experts (top-{cfg['num_experts_per_tok']}), {result['bits']}-bit, {result['dtype']}\n"
-        f"MLX {m['mlx']} CPU backend, {m['cpus']} cores; qnext_mlx {m['qnext_cpu_lanes']} CPU lane(s), mlx-lm {m['mlx_lm']} one",
+        f"MLX {m['mlx']} CPU backend, {m['cpus']} cores; qnext_mlx {m['qnext_cpu_lanes']} CPU lane(s), "
+        f"mlx-lm {m['mlx_lm']} one",
         fontsize=9,
     )
     ax.legend()
@@ -484,16 +501,33 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", help="prefill lengths (default 512 2048 8192; quick 512 2048)")
     p.add_argument("--reps", type=int, help="timed runs per measurement (default 2; quick 1)")
     p.add_argument("--decode-tokens", type=int, help="greedy tokens timed (default 32; quick 16)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="float dtype of the checkpoint (scales and unquantized weights)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (JSON value), e.g. --set num_hidden_layers=8")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="float dtype of the checkpoint (scales and unquantized weights)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (JSON value), e.g. --set num_hidden_layers=8",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lanes", type=int, default=None,
-                   help="CPU streams (threads) for qnext_mlx's prefill GEMMs (default: the library's, "
-                        "QNEXT_CPU_LANES or 1); mlx-lm always runs on one")
-    p.add_argument("--profile", type=int, metavar="TOKENS",
-                   help="instead of the benchmark, time each component of both engines at this length")
+    p.add_argument(
+        "--lanes",
+        type=int,
+        default=None,
+        help="CPU streams (threads) for qnext_mlx's prefill GEMMs (default: the library's, "
+        "QNEXT_CPU_LANES or 1); mlx-lm always runs on one",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        metavar="TOKENS",
+        help="instead of the benchmark, time each component of both engines at this length",
+    )
     return p.parse_args(argv)
 
 
@@ -531,8 +565,10 @@ def main(argv=None) -> int:
     for m in models.values():
         mx.eval(m.parameters())
     parity = check_parity(models, cfg["vocab_size"])
-    log(f"parity: max |logit diff| {parity['max_logit_diff']:.3g} (logits up to {parity['max_abs_logit']:.3g}), "
-        f"greedy tokens match: {parity['greedy_tokens_match']}")
+    log(
+        f"parity: max |logit diff| {parity['max_logit_diff']:.3g} (logits up to {parity['max_abs_logit']:.3g}), "
+        f"greedy tokens match: {parity['greedy_tokens_match']}"
+    )
     # Warm-up (compiled helpers, allocator) on a short prompt, both paths.
     for m in models.values():
         c = m.make_cache()
@@ -572,12 +608,18 @@ def main(argv=None) -> int:
         "machine": machine,
         "parity": parity,
         "prefill": {L: pair(lambda r, L=L: r["prefill"][L]["tok_s"]) for L in res["qnext_mlx"]["prefill"]},
-        "decode": dict(pair(lambda r: r["decode"]["tok_s"]), prompt_tokens=512, tokens=decode_tokens,
-                       same_tokens=res["qnext_mlx"]["decode_ids"] == res["mlx_lm"]["decode_ids"]),
+        "decode": dict(
+            pair(lambda r: r["decode"]["tok_s"]),
+            prompt_tokens=512,
+            tokens=decode_tokens,
+            same_tokens=res["qnext_mlx"]["decode_ids"] == res["mlx_lm"]["decode_ids"],
+        ),
         "memory_gb": {
-            name: {"weights": param_bytes(models[name]) / 1e9,
-                   "peak_extra": res[name]["peak_extra_bytes"] / 1e9,
-                   "peak": (param_bytes(models[name]) + res[name]["peak_extra_bytes"]) / 1e9}
+            name: {
+                "weights": param_bytes(models[name]) / 1e9,
+                "peak_extra": res[name]["peak_extra_bytes"] / 1e9,
+                "peak": (param_bytes(models[name]) + res[name]["peak_extra_bytes"]) / 1e9,
+            }
             for name in ENGINES
         },
         "timings": {name: {"prefill": res[name]["prefill"], "decode": res[name]["decode"]} for name in ENGINES},

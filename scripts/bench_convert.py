@@ -80,17 +80,18 @@ def hf_tensor_specs(config) -> Dict[str, Tuple[int, ...]]:
     return dict(sorted(specs.items()))
 
 
-def write_synthetic_checkpoint(out: Path, overrides: dict, shard_bytes: int = 500 * 10**6,
-                               mtp: bool = True, seed: int = 0) -> Tuple[int, int]:
+def write_synthetic_checkpoint(
+    out: Path, overrides: dict, shard_bytes: int = 500 * 10**6, mtp: bool = True, seed: int = 0
+) -> Tuple[int, int]:
     """Write a random bf16 HF-format checkpoint to ``out``; returns ``(bytes, shards)``.
 
     Tensors are generated and written one shard at a time, so memory stays at
     about one shard whatever the checkpoint's size.
     """
+    import make_tiny_checkpoint as mtc
     import mlx.core as mx
     import numpy as np
 
-    import make_tiny_checkpoint as mtc
     from qnext_mlx.model.config import ModelConfig
 
     cfg = dict(mtc.TINY, **overrides)
@@ -144,9 +145,11 @@ def run_convert(args) -> Tuple[float, int, int]:
     image, inherited at fork.
     """
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    child = ("import sys; from qnext_mlx.convert import main; from qnext_mlx.checkpoint.convert import peak_rss_bytes; "
-             "rc = main(sys.argv[1:]); "
-             "print(f'PEAK_RSS {peak_rss_bytes()}'); sys.exit(rc)")
+    child = (
+        "import sys; from qnext_mlx.convert import main; from qnext_mlx.checkpoint.convert import peak_rss_bytes; "
+        "rc = main(sys.argv[1:]); "
+        "print(f'PEAK_RSS {peak_rss_bytes()}'); sys.exit(rc)"
+    )
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", child, *args, "--quiet"], env=env, stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
@@ -165,7 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a BENCH config value")
     p.add_argument("--input-shard-size", default="500MB", help="shard size of the synthetic input")
     p.add_argument("--max-shard-size", nargs="+", default=["500MB"], help="converter output shard size(s)")
-    p.add_argument("--q-bits", type=int, nargs="*", default=[4], help="quantized runs (a float bf16 run is always done)")
+    p.add_argument(
+        "--q-bits", type=int, nargs="*", default=[4], help="quantized runs (a float bf16 run is always done)"
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and outputs")
     args = p.parse_args(argv)
@@ -179,16 +184,22 @@ def main(argv=None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_convert_"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    header = f"{'layers':>6} {'input':>9} {'in shards':>9} {'mode':>6} {'shard max':>9} {'output':>9} " \
-             f"{'out shards':>10} {'time s':>7} {'peak RSS':>9} {'RSS/input':>9}"
+    header = (
+        f"{'layers':>6} {'input':>9} {'in shards':>9} {'mode':>6} {'shard max':>9} {'output':>9} "
+        f"{'out shards':>10} {'time s':>7} {'peak RSS':>9} {'RSS/input':>9}"
+    )
     try:
         for n_layers in args.layers:
             src = work / f"synthetic-{n_layers}l"
             t0 = time.perf_counter()
             in_bytes, in_shards = write_synthetic_checkpoint(
-                src, dict(overrides, num_hidden_layers=n_layers), parse_size(args.input_shard_size))
-            print(f"wrote {src}: {human_size(in_bytes)} in {in_shards} shards in {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
+                src, dict(overrides, num_hidden_layers=n_layers), parse_size(args.input_shard_size)
+            )
+            print(
+                f"wrote {src}: {human_size(in_bytes)} in {in_shards} shards in {time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             for shard in args.max_shard_size:
                 for bits in [None, *args.q_bits]:
                     dst = work / f"out-{n_layers}l-{bits or 'bf16'}-{shard}"
@@ -200,9 +211,11 @@ def main(argv=None) -> int:
                         print(f"conversion failed (exit {code})", file=sys.stderr)
                         return 1
                     out_bytes, out_shards = folder_stats(dst)
-                    rows.append(f"{n_layers:>6} {human_size(in_bytes):>9} {in_shards:>9} "
-                                f"{('q' + str(bits)) if bits else 'bf16':>6} {shard:>9} {human_size(out_bytes):>9} "
-                                f"{out_shards:>10} {seconds:>7.1f} {human_size(peak):>9} {peak / in_bytes:>9.2f}")
+                    rows.append(
+                        f"{n_layers:>6} {human_size(in_bytes):>9} {in_shards:>9} "
+                        f"{('q' + str(bits)) if bits else 'bf16':>6} {shard:>9} {human_size(out_bytes):>9} "
+                        f"{out_shards:>10} {seconds:>7.1f} {human_size(peak):>9} {peak / in_bytes:>9.2f}"
+                    )
                     print(rows[-1], file=sys.stderr, flush=True)
                     if not args.keep:
                         shutil.rmtree(dst)

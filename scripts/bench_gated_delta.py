@@ -135,7 +135,9 @@ def main(argv=None):
                                 "cpu_s": cpu, "tok_per_s": T / wall, "tok_per_cpu_s": T / cpu})  # fmt: skip
                 print(f"{dtype_name:9s} T={T:5d} {name:14s} {wall * 1e3:9.1f} ms  {T / wall:8.0f} tok/s"
                       f"   (cpu {cpu * 1e3:8.1f} ms, {T / cpu:8.0f} tok/cpu-s)", flush=True)  # fmt: skip
-            base = next((r for r in results if r["dtype"] == dtype_name and r["T"] == T and r["method"] == "mlx_lm"), None)
+            base = next(
+                (r for r in results if r["dtype"] == dtype_name and r["T"] == T and r["method"] == "mlx_lm"), None
+            )
             for r in results:
                 if base and r["dtype"] == dtype_name and r["T"] == T and r["method"].startswith("chunked"):
                     r["speedup_vs_mlx_lm"] = base["wall_s"] / r["wall_s"]

@@ -42,14 +42,22 @@ sys.path.insert(0, str(REPO))
 import qnext_mlx  # noqa: E402
 from qnext_mlx.checkpoint.paths import DEMO_MODEL_DIR  # noqa: E402
 from qnext_mlx.engine.decode import generate_tokens  # noqa: E402
-from qnext_mlx.engine.text import format_prompt  # noqa: E402
 from qnext_mlx.engine.speculative import MTPDecoding  # noqa: E402
+from qnext_mlx.engine.text import format_prompt  # noqa: E402
 
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint, in about 200 words."
 
 
-def _decode(model, prompt_ids: Sequence[int], max_tokens: int, k: Optional[int], temp: float,
-            seed: int, top_p: float = 1.0, top_k: int = 0) -> Dict:
+def _decode(
+    model,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    k: Optional[int],
+    temp: float,
+    seed: int,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> Dict:
     """One decode run; ``k=None`` is plain decoding. Returns tokens, decode time and stats."""
     mx.random.seed(seed)
     cache = model.make_cache()
@@ -67,16 +75,29 @@ def _decode(model, prompt_ids: Sequence[int], max_tokens: int, k: Optional[int],
         tokens.append(t)
     elapsed = time.perf_counter() - first
     cpu = time.process_time() - first_cpu
-    out = {"tokens": tokens, "seconds": elapsed, "tok_s": (len(tokens) - 1) / elapsed if elapsed > 0 else 0.0,
-           "cpu_tok_s": (len(tokens) - 1) / cpu if cpu > 0 else 0.0}
+    out = {
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tok_s": (len(tokens) - 1) / elapsed if elapsed > 0 else 0.0,
+        "cpu_tok_s": (len(tokens) - 1) / cpu if cpu > 0 else 0.0,
+    }
     if mtp:
         out.update(acceptance_rate=mtp.stats.acceptance_rate, mean_accepted_length=mtp.stats.mean_accepted_length)
     return out
 
 
-def bench_mtp(model, prompt_ids: Sequence[int], ks: Sequence[int] = (1, 2, 3, 4), max_tokens: int = 256,
-              reps: int = 2, temp: float = 0.0, seed: int = 0, log=print, top_p: float = 1.0,
-              top_k: int = 0) -> Dict:
+def bench_mtp(
+    model,
+    prompt_ids: Sequence[int],
+    ks: Sequence[int] = (1, 2, 3, 4),
+    max_tokens: int = 256,
+    reps: int = 2,
+    temp: float = 0.0,
+    seed: int = 0,
+    log=print,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> Dict:
     """tok/s of plain decoding and of MTP decoding for each K in ``ks`` (best of ``reps``).
 
     Args:
@@ -139,8 +160,10 @@ def format_table(result: Dict) -> str:
         f"{1.0:>8.2f} {'':>9} {'':>9}",
     ]
     for k, r in result["mtp"].items():
-        lines.append(f"{'MTP K=' + k:>10} {r['tok_s']:>8.1f} {r['speedup']:>8.2f} {r['cpu_tok_s']:>10.1f} "
-                     f"{r['cpu_speedup']:>8.2f} {100 * r['acceptance_rate']:>8.1f}% {r['mean_accepted_length']:>9.2f}")
+        lines.append(
+            f"{'MTP K=' + k:>10} {r['tok_s']:>8.1f} {r['speedup']:>8.2f} {r['cpu_tok_s']:>10.1f} "
+            f"{r['cpu_speedup']:>8.2f} {100 * r['acceptance_rate']:>8.1f}% {r['mean_accepted_length']:>9.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -181,8 +204,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model, ids, what = load_for_bench(args.model, args.prompt)
     print(f"model: {what}", file=sys.stderr)
-    result = bench_mtp(model, ids, args.ks, args.max_tokens, args.reps, args.temp,
-                       log=lambda m: print(m, file=sys.stderr), top_p=args.top_p, top_k=args.top_k)
+    result = bench_mtp(
+        model,
+        ids,
+        args.ks,
+        args.max_tokens,
+        args.reps,
+        args.temp,
+        log=lambda m: print(m, file=sys.stderr),
+        top_p=args.top_p,
+        top_k=args.top_k,
+    )
     result["model"] = what
     print(format_table(result))
     if args.json:

@@ -65,7 +65,9 @@ class TorchMTP:
         from torch import nn
         from transformers.models.qwen3_next import modeling_qwen3_next as mq
 
-        attn_config = config.__class__(**{**config.to_dict(), "layer_types": ["full_attention"] * config.num_hidden_layers})
+        attn_config = config.__class__(
+            **{**config.to_dict(), "layer_types": ["full_attention"] * config.num_hidden_layers}
+        )
 
         class _MTP(nn.Module):
             def __init__(self):
@@ -193,8 +195,13 @@ def main(argv=None) -> int:
     p.add_argument("--mtp", action="store_true", help="add an MTP head (mtp.* tensors)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--max-shard-size", default="50GB", help="shard size passed to save_pretrained, e.g. 200MB")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (JSON value), e.g. --set hidden_size=2048")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (JSON value), e.g. --set hidden_size=2048",
+    )
     args = p.parse_args(argv)
     overrides = {}
     for item in args.set:

@@ -80,22 +80,72 @@ BIBLE_CMD = ["bible", "-f", "Gen1:1-Rev22:21"]
 
 # Abbreviations printed by `bible -f`, in canonical order, and the full names used in the text.
 BOOKS = [
-    ("Ge", "Genesis"), ("Exo", "Exodus"), ("Lev", "Leviticus"), ("Num", "Numbers"),
-    ("Deu", "Deuteronomy"), ("Josh", "Joshua"), ("Jdgs", "Judges"), ("Ruth", "Ruth"),
-    ("1Sm", "1 Samuel"), ("2Sm", "2 Samuel"), ("1Ki", "1 Kings"), ("2Ki", "2 Kings"),
-    ("1Chr", "1 Chronicles"), ("2Chr", "2 Chronicles"), ("Ezra", "Ezra"), ("Neh", "Nehemiah"),
-    ("Est", "Esther"), ("Job", "Job"), ("Psa", "Psalms"), ("Prv", "Proverbs"),
-    ("Eccl", "Ecclesiastes"), ("SSol", "Song of Solomon"), ("Isa", "Isaiah"), ("Jer", "Jeremiah"),
-    ("Lam", "Lamentations"), ("Eze", "Ezekiel"), ("Dan", "Daniel"), ("Hos", "Hosea"),
-    ("Joel", "Joel"), ("Amos", "Amos"), ("Obad", "Obadiah"), ("Jonah", "Jonah"), ("Mic", "Micah"),
-    ("Nahum", "Nahum"), ("Hab", "Habakkuk"), ("Zep", "Zephaniah"), ("Hag", "Haggai"),
-    ("Zec", "Zechariah"), ("Mal", "Malachi"), ("Mat", "Matthew"), ("Mark", "Mark"), ("Luke", "Luke"),
-    ("John", "John"), ("Acts", "Acts"), ("Rom", "Romans"), ("1Cor", "1 Corinthians"),
-    ("2Cor", "2 Corinthians"), ("Gal", "Galatians"), ("Eph", "Ephesians"), ("Phi", "Philippians"),
-    ("Col", "Colossians"), ("1Th", "1 Thessalonians"), ("2Th", "2 Thessalonians"),
-    ("1Tim", "1 Timothy"), ("2Tim", "2 Timothy"), ("Titus", "Titus"), ("Phmn", "Philemon"),
-    ("Heb", "Hebrews"), ("Jas", "James"), ("1Pet", "1 Peter"), ("2Pet", "2 Peter"), ("1Jn", "1 John"),
-    ("2Jn", "2 John"), ("3Jn", "3 John"), ("Jude", "Jude"), ("Rev", "Revelation"),
+    ("Ge", "Genesis"),
+    ("Exo", "Exodus"),
+    ("Lev", "Leviticus"),
+    ("Num", "Numbers"),
+    ("Deu", "Deuteronomy"),
+    ("Josh", "Joshua"),
+    ("Jdgs", "Judges"),
+    ("Ruth", "Ruth"),
+    ("1Sm", "1 Samuel"),
+    ("2Sm", "2 Samuel"),
+    ("1Ki", "1 Kings"),
+    ("2Ki", "2 Kings"),
+    ("1Chr", "1 Chronicles"),
+    ("2Chr", "2 Chronicles"),
+    ("Ezra", "Ezra"),
+    ("Neh", "Nehemiah"),
+    ("Est", "Esther"),
+    ("Job", "Job"),
+    ("Psa", "Psalms"),
+    ("Prv", "Proverbs"),
+    ("Eccl", "Ecclesiastes"),
+    ("SSol", "Song of Solomon"),
+    ("Isa", "Isaiah"),
+    ("Jer", "Jeremiah"),
+    ("Lam", "Lamentations"),
+    ("Eze", "Ezekiel"),
+    ("Dan", "Daniel"),
+    ("Hos", "Hosea"),
+    ("Joel", "Joel"),
+    ("Amos", "Amos"),
+    ("Obad", "Obadiah"),
+    ("Jonah", "Jonah"),
+    ("Mic", "Micah"),
+    ("Nahum", "Nahum"),
+    ("Hab", "Habakkuk"),
+    ("Zep", "Zephaniah"),
+    ("Hag", "Haggai"),
+    ("Zec", "Zechariah"),
+    ("Mal", "Malachi"),
+    ("Mat", "Matthew"),
+    ("Mark", "Mark"),
+    ("Luke", "Luke"),
+    ("John", "John"),
+    ("Acts", "Acts"),
+    ("Rom", "Romans"),
+    ("1Cor", "1 Corinthians"),
+    ("2Cor", "2 Corinthians"),
+    ("Gal", "Galatians"),
+    ("Eph", "Ephesians"),
+    ("Phi", "Philippians"),
+    ("Col", "Colossians"),
+    ("1Th", "1 Thessalonians"),
+    ("2Th", "2 Thessalonians"),
+    ("1Tim", "1 Timothy"),
+    ("2Tim", "2 Timothy"),
+    ("Titus", "Titus"),
+    ("Phmn", "Philemon"),
+    ("Heb", "Hebrews"),
+    ("Jas", "James"),
+    ("1Pet", "1 Peter"),
+    ("2Pet", "2 Peter"),
+    ("1Jn", "1 John"),
+    ("2Jn", "2 John"),
+    ("3Jn", "3 John"),
+    ("Jude", "Jude"),
+    ("Rev", "Revelation"),
 ]
 BOOK_NAMES = dict(BOOKS)
 
@@ -175,12 +225,12 @@ CHAT_TEMPLATE = (
     "    {%- if messages[0].role == 'system' %}\n"
     "        {{- messages[0].content + '\\n\\n' }}\n"
     "    {%- endif %}\n"
-    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    '    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
     "    {%- for tool in tools %}\n"
-    "        {{- \"\\n\" }}\n"
+    '        {{- "\\n" }}\n'
     "        {{- tool | tojson }}\n"
     "    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
     "{%- else %}\n"
     "    {%- if messages[0].role == 'system' %}\n"
     "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n"
@@ -200,9 +250,9 @@ CHAT_TEMPLATE = (
     "    {%- else %}\n"
     "        {%- set content = '' %}\n"
     "    {%- endif %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n"
+    '    {%- elif message.role == "assistant" %}\n'
     "        {%- set reasoning_content = '' %}\n"
     "        {%- if message.reasoning_content is string %}\n"
     "            {%- set reasoning_content = message.reasoning_content %}\n"
@@ -229,9 +279,9 @@ CHAT_TEMPLATE = (
     "                {%- if tool_call.function %}\n"
     "                    {%- set tool_call = tool_call.function %}\n"
     "                {%- endif %}\n"
-    "                {{- '<tool_call>\\n{\"name\": \"' }}\n"
+    '                {{- \'<tool_call>\\n{"name": "\' }}\n'
     "                {{- tool_call.name }}\n"
-    "                {{- '\", \"arguments\": ' }}\n"
+    '                {{- \'", "arguments": \' }}\n'
     "                {%- if tool_call.arguments is string %}\n"
     "                    {{- tool_call.arguments }}\n"
     "                {%- else %}\n"
@@ -241,14 +291,14 @@ CHAT_TEMPLATE = (
     "            {%- endfor %}\n"
     "        {%- endif %}\n"
     "        {{- '<|im_end|>\\n' }}\n"
-    "    {%- elif message.role == \"tool\" %}\n"
-    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}\n'
     "            {{- '<|im_start|>user' }}\n"
     "        {%- endif %}\n"
     "        {{- '\\n<tool_response>\\n' }}\n"
     "        {{- content }}\n"
     "        {{- '\\n</tool_response>' }}\n"
-    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
     "            {{- '<|im_end|>\\n' }}\n"
     "        {%- endif %}\n"
     "    {%- endif %}\n"
@@ -275,8 +325,17 @@ CHAT_SCAFFOLD = (
 
 
 def train_tokenizer(texts, vocab_size: int):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -312,8 +371,12 @@ def save_tokenizer(tok, out: Path, model_max_length: int):
     added = {}
     for content, special in ADDED_TOKENS:
         added[str(tok.token_to_id(content))] = {
-            "content": content, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": special,
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
         }
     specials = [c for c, s in ADDED_TOKENS if s]
     cfg = {
@@ -409,8 +472,11 @@ def make_chat_conversations(chapters, rng: random.Random, n_chat: int, n_tool: i
         args = {"book": book, "chapter": chap, "verse": vi + 1}
         msgs = [
             {"role": "user", "content": user},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": "lookup_verse", "arguments": args}}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "lookup_verse", "arguments": args}}],
+            },
             {"role": "tool", "content": verses[vi]},
             {"role": "assistant", "content": f"{ref}: {verses[vi]}"},
         ]
@@ -537,10 +603,14 @@ def load_mtp_state_dict(mtp: MTPHead, tensors: dict):
         ex = layer.mlp.experts
         p = f"mtp.layers.{li}.mlp.experts"
         sd[f"layers.{li}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([tensors[f"{p}.{e}.gate_proj.weight"], tensors[f"{p}.{e}.up_proj.weight"]], 0)
-             for e in range(ex.num_experts)])
+            [
+                torch.cat([tensors[f"{p}.{e}.gate_proj.weight"], tensors[f"{p}.{e}.up_proj.weight"]], 0)
+                for e in range(ex.num_experts)
+            ]
+        )
         sd[f"layers.{li}.mlp.experts.down_proj"] = torch.stack(
-            [tensors[f"{p}.{e}.down_proj.weight"] for e in range(ex.num_experts)])
+            [tensors[f"{p}.{e}.down_proj.weight"] for e in range(ex.num_experts)]
+        )
     mtp.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
@@ -594,7 +664,8 @@ def forward_losses(model, mtp, x):
 
 @torch.no_grad()
 def evaluate(model, mtp, windows, batch: int):
-    model.eval(); mtp.eval()
+    model.eval()
+    mtp.eval()
     n = 0
     s_main = s_mtp = 0.0
     c_main = c_mtp = c_agree = 0
@@ -614,7 +685,8 @@ def evaluate(model, mtp, windows, batch: int):
         # Agreement with the main model's own greedy choice for the same token (speculative acceptance proxy)
         c_agree += (mpred == logits[:, 1:-1].argmax(-1)).sum().item()
         n_mtp += mpred.numel()
-    model.train(); mtp.train()
+    model.train()
+    mtp.train()
     return {
         "main_loss": s_main / n,
         "mtp_loss": s_mtp / n,
@@ -671,14 +743,27 @@ def mlx_lm_crosscheck(out: Path, reloaded, ids):
     mmodel, _ = mlx_load(out)
     mmodel.update(tree_map(lambda a: a.astype(mx.float32), mmodel.parameters()))
     a = np.array(mmodel(mx.array([ids])).astype(mx.float32))[0]
-    res = {"mlx_lm": mlx_lm.__version__, "mlx": mx.__version__, "tokens": len(ids),
-           "min_router_gap_2nd_3rd": min(gaps),
-           "max_abs_diff": float(np.abs(a - ref).max()), "argmax_agree": float((a.argmax(-1) == ref.argmax(-1)).mean())}
+    res = {
+        "mlx_lm": mlx_lm.__version__,
+        "mlx": mx.__version__,
+        "tokens": len(ids),
+        "min_router_gap_2nd_3rd": min(gaps),
+        "max_abs_diff": float(np.abs(a - ref).max()),
+        "argmax_agree": float((a.argmax(-1) == ref.argmax(-1)).mean()),
+    }
     st = load_file(str(out / "model.safetensors"))
-    norm_sfx = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
-                ".q_norm.weight", ".k_norm.weight")
-    fix = [(k, mx.array(st[k].float().numpy() + 1.0)) for k, _ in tree_flatten(mmodel.parameters())
-           if k in st and st[k].ndim == 1 and k.endswith(norm_sfx)]
+    norm_sfx = (
+        ".input_layernorm.weight",
+        ".post_attention_layernorm.weight",
+        "model.norm.weight",
+        ".q_norm.weight",
+        ".k_norm.weight",
+    )
+    fix = [
+        (k, mx.array(st[k].float().numpy() + 1.0))
+        for k, _ in tree_flatten(mmodel.parameters())
+        if k in st and st[k].ndim == 1 and k.endswith(norm_sfx)
+    ]
     mmodel.update(tree_unflatten(fix))
     b = np.array(mmodel(mx.array([ids])).astype(mx.float32))[0]
     res["max_abs_diff_norm_plus_one_in_fp32"] = float(np.abs(b - ref).max())
@@ -693,11 +778,18 @@ def mlx_lm_crosscheck(out: Path, reloaded, ids):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
-                    help="KJV text as printed by `bible -f Gen1:1-Rev22:21` (made there if missing; "
-                         f"default {DEFAULT_CORPUS.relative_to(REPO_ROOT)})")
-    ap.add_argument("--apt-install", action="store_true",
-                    help="apt-get install the corpus packages if the `bible` program is missing")
+    ap.add_argument(
+        "--corpus",
+        type=Path,
+        default=DEFAULT_CORPUS,
+        help="KJV text as printed by `bible -f Gen1:1-Rev22:21` (made there if missing; "
+        f"default {DEFAULT_CORPUS.relative_to(REPO_ROOT)})",
+    )
+    ap.add_argument(
+        "--apt-install",
+        action="store_true",
+        help="apt-get install the corpus packages if the `bible` program is missing",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -725,10 +817,10 @@ def main():
     random.seed(args.seed)
     rng = random.Random(args.seed)
 
-    import transformers
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3NextForCausalLM
-    from safetensors.torch import load_file, save_file
     import tokenizers
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3NextForCausalLM
 
     transformers.logging.set_verbosity_error()
 
@@ -746,8 +838,11 @@ def main():
     n_verses = sum(len(c[2]) for c in chapters)
     val_ch = [c for i, c in enumerate(chapters) if i % args.val_every_nth_chapter == args.val_every_nth_chapter // 2]
     train_ch = [c for i, c in enumerate(chapters) if i % args.val_every_nth_chapter != args.val_every_nth_chapter // 2]
-    print(f"[corpus] {corpus} ({len(raw)} bytes, sha256 {corpus_sha[:16]}...): {len(chapters)} chapters, "
-          f"{n_verses} verses; train {len(train_ch)} / validation {len(val_ch)} chapters", flush=True)
+    print(
+        f"[corpus] {corpus} ({len(raw)} bytes, sha256 {corpus_sha[:16]}...): {len(chapters)} chapters, "
+        f"{n_verses} verses; train {len(train_ch)} / validation {len(val_ch)} chapters",
+        flush=True,
+    )
     train_texts = [chapter_text(*c) for c in train_ch]
     val_texts = [chapter_text(*c) for c in val_ch]
 
@@ -758,8 +853,11 @@ def main():
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     eot_id = tok.token_to_id("<|endoftext|>")
     im_end_id = tok.token_to_id("<|im_end|>")
-    print(f"[tokenizer] vocab {tok.get_vocab_size()} trained in {time.time() - t0:.1f}s; "
-          f"<|endoftext|>={eot_id} <|im_end|>={im_end_id}", flush=True)
+    print(
+        f"[tokenizer] vocab {tok.get_vocab_size()} trained in {time.time() - t0:.1f}s; "
+        f"<|endoftext|>={eot_id} <|im_end|>={im_end_id}",
+        flush=True,
+    )
 
     # ---- documents -> token streams ----
     convs = make_chat_conversations(train_ch, rng, args.chat_docs, args.tool_docs)
@@ -785,9 +883,12 @@ def main():
     val_windows = val_ids[: n_val_windows * T].view(n_val_windows, T)
     curve_windows = val_windows[: args.eval_windows]
     n_text_tokens = train_ids.numel() - n_chat_tokens
-    print(f"[data] train tokens {train_ids.numel()} ({n_text_tokens} corpus text + {n_chat_tokens} chat/tool); "
-          f"validation tokens {val_ids.numel()} ({n_val_windows} windows of {T}); "
-          f"bytes/token {len(''.join(train_texts).encode()) / max(1, n_text_tokens):.2f}", flush=True)
+    print(
+        f"[data] train tokens {train_ids.numel()} ({n_text_tokens} corpus text + {n_chat_tokens} chat/tool); "
+        f"validation tokens {val_ids.numel()} ({n_val_windows} windows of {T}); "
+        f"bytes/token {len(''.join(train_texts).encode()) / max(1, n_text_tokens):.2f}",
+        flush=True,
+    )
 
     # ---- model ----
     config = build_config(tok.get_vocab_size(), args, eot_id, im_end_id)
@@ -796,15 +897,17 @@ def main():
     for m in mtp.modules():
         model._init_weights(m)
     assert all(torch.isfinite(p).all() for p in mtp.parameters())
-    model.train(); mtp.train()
+    model.train()
+    mtp.train()
     n_main = sum(p.numel() for p in model.parameters())
     n_mtp = sum(p.numel() for p in mtp.parameters())
     H = config.hidden_size
     n_embed = config.vocab_size * H
     per_expert = 3 * H * config.moe_intermediate_size
     n_active = n_main - 4 * (config.num_experts - config.num_experts_per_tok) * per_expert
-    print(f"[model] main {n_main:,} params ({n_active:,} active/token incl. embeddings), MTP head {n_mtp:,}",
-          flush=True)
+    print(
+        f"[model] main {n_main:,} params ({n_active:,} active/token incl. embeddings), MTP head {n_mtp:,}", flush=True
+    )
 
     collector = RouterLogitsCollector([model, mtp])
     no_decay = ("A_log", "dt_bias")
@@ -837,8 +940,11 @@ def main():
             }
             log.append(rec)
             tr = f"{rec['train_loss']:.3f}" if run_n else "  -  "
-            print(f"[train] step {step:4d} train {tr} val {ev['main_loss']:.3f} val_mtp {ev['mtp_loss']:.3f} "
-                  f"({rec['elapsed_s']:.0f}s wall, {rec['cpu_s']:.0f}s CPU)", flush=True)
+            print(
+                f"[train] step {step:4d} train {tr} val {ev['main_loss']:.3f} val_mtp {ev['mtp_loss']:.3f} "
+                f"({rec['elapsed_s']:.0f}s wall, {rec['cpu_s']:.0f}s CPU)",
+                flush=True,
+            )
             run_main = run_mtp = 0.0
             run_n = 0
         if step == args.steps:
@@ -865,20 +971,29 @@ def main():
     print(f"[train] done in {train_time:.0f}s wall, {train_cpu:.0f}s CPU", flush=True)
 
     # ---- export: round to bf16 (what is shipped), then evaluate and save ----
-    round_to_bf16_(model); round_to_bf16_(mtp)
-    model.eval(); mtp.eval()
+    round_to_bf16_(model)
+    round_to_bf16_(mtp)
+    model.eval()
+    mtp.eval()
     final = evaluate(model, mtp, val_windows, args.batch)
     counts = torch.bincount(train_ids, minlength=config.vocab_size)
     top_tok = int(counts.argmax())
     unigram_acc = (val_windows[:, 1:] == top_tok).float().mean().item()
-    print(f"[eval] held-out ({final['tokens']} tokens): main loss {final['main_loss']:.3f} top1 "
-          f"{final['main_top1']:.3f} | MTP loss {final['mtp_loss']:.3f} top1 {final['mtp_top1']:.3f} "
-          f"agree {final['mtp_agree_with_main_greedy']:.3f} | most-frequent-token baseline {unigram_acc:.3f}",
-          flush=True)
+    print(
+        f"[eval] held-out ({final['tokens']} tokens): main loss {final['main_loss']:.3f} top1 "
+        f"{final['main_top1']:.3f} | MTP loss {final['mtp_loss']:.3f} top1 {final['mtp_top1']:.3f} "
+        f"agree {final['mtp_agree_with_main_greedy']:.3f} | most-frequent-token baseline {unigram_acc:.3f}",
+        flush=True,
+    )
 
     model.generation_config = GenerationConfig(
-        bos_token_id=eot_id, eos_token_id=[im_end_id, eot_id], pad_token_id=eot_id,
-        do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+        bos_token_id=eot_id,
+        eos_token_id=[im_end_id, eot_id],
+        pad_token_id=eot_id,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
     )
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     bf16_model.save_pretrained(str(out), safe_serialization=True)
@@ -930,16 +1045,19 @@ def main():
         print("[verify] mlx-lm not installed: tokenizer checked with transformers only", flush=True)
     if mlx_load_tokenizer is not None:
         mlx_tok = mlx_load_tokenizer(out)
-        tok_checks.update({
-            "mlx_roundtrip": mlx_tok.decode(mlx_tok.encode(probe)) == probe,
-            "same_ids": hf_tok.encode(probe) == list(mlx_tok.encode(probe)),
-            "mlx_eos_ids": sorted(mlx_tok.eos_token_ids),
-            "mlx_chat_template_matches_hf": mlx_tok.apply_chat_template(chat_probe, add_generation_prompt=True,
-                                                                        tokenize=False)
-            == hf_tok.apply_chat_template(chat_probe, add_generation_prompt=True, tokenize=False),
-            "mlx_has_tool_calling": bool(getattr(mlx_tok, "has_tool_calling", False)),
-            "mlx_has_thinking": bool(getattr(mlx_tok, "has_thinking", False)),
-        })
+        tok_checks.update(
+            {
+                "mlx_roundtrip": mlx_tok.decode(mlx_tok.encode(probe)) == probe,
+                "same_ids": hf_tok.encode(probe) == list(mlx_tok.encode(probe)),
+                "mlx_eos_ids": sorted(mlx_tok.eos_token_ids),
+                "mlx_chat_template_matches_hf": mlx_tok.apply_chat_template(
+                    chat_probe, add_generation_prompt=True, tokenize=False
+                )
+                == hf_tok.apply_chat_template(chat_probe, add_generation_prompt=True, tokenize=False),
+                "mlx_has_tool_calling": bool(getattr(mlx_tok, "has_tool_calling", False)),
+                "mlx_has_thinking": bool(getattr(mlx_tok, "has_thinking", False)),
+            }
+        )
         assert tok_checks["mlx_roundtrip"] and tok_checks["same_ids"]
         assert tok_checks["mlx_chat_template_matches_hf"]
     print(f"[verify] tokenizer: {tok_checks}", flush=True)
@@ -955,10 +1073,16 @@ def main():
         torch.manual_seed(seed)
         ids = torch.tensor([prompt_ids])
         with torch.no_grad():
-            o = reloaded.generate(ids, attention_mask=torch.ones_like(ids), do_sample=do_sample,
-                                  max_new_tokens=max_new_tokens, temperature=0.7 if do_sample else None,
-                                  top_p=0.8 if do_sample else None, top_k=20 if do_sample else None)
-        return o[0, len(prompt_ids):].tolist()
+            o = reloaded.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=do_sample,
+                max_new_tokens=max_new_tokens,
+                temperature=0.7 if do_sample else None,
+                top_p=0.8 if do_sample else None,
+                top_k=20 if do_sample else None,
+            )
+        return o[0, len(prompt_ids) :].tolist()
 
     # Greedy decoding with the cache must agree with re-running the whole prefix (no cache).
     p_ids = hf_tok.encode("And God said,")
@@ -970,43 +1094,80 @@ def main():
             seq.append(nxt)
             if nxt in (im_end_id, eot_id):
                 break
-    cache_consistent = seq[len(p_ids):] == g_cached
+    cache_consistent = seq[len(p_ids) :] == g_cached
     print(f"[verify] cached greedy == uncached greedy: {cache_consistent}", flush=True)
 
-    for prompt in ["In the beginning", "And Jesus said unto them,", "The LORD is my shepherd;",
-                   "Psalms 23\n\n"]:
+    for prompt in ["In the beginning", "And Jesus said unto them,", "The LORD is my shepherd;", "Psalms 23\n\n"]:
         ids = hf_tok.encode(prompt)
-        samples.append({"kind": "greedy", "prompt": prompt,
-                        "output": hf_tok.decode(generate(ids, False, 60), skip_special_tokens=False)})
+        samples.append(
+            {
+                "kind": "greedy",
+                "prompt": prompt,
+                "output": hf_tok.decode(generate(ids, False, 60), skip_special_tokens=False),
+            }
+        )
     for i, prompt in enumerate(["And it came to pass", "Blessed are", "Then said he unto"]):
         ids = hf_tok.encode(prompt)
-        samples.append({"kind": "sampled (T=0.7, top_p=0.8, top_k=20, seed %d)" % i, "prompt": prompt,
-                        "output": hf_tok.decode(generate(ids, True, 60, seed=i), skip_special_tokens=False)})
+        samples.append(
+            {
+                "kind": "sampled (T=0.7, top_p=0.8, top_k=20, seed %d)" % i,
+                "prompt": prompt,
+                "output": hf_tok.decode(generate(ids, True, 60, seed=i), skip_special_tokens=False),
+            }
+        )
     chat_cases = [
         ("chat", [{"role": "user", "content": "The LORD is my shepherd; I shall not want."}], None, {}),
-        ("chat (system prompt, enable_thinking=False)",
-         [{"role": "system", "content": SYSTEM_PROMPT},
-          {"role": "user", "content": "Continue the passage: In the beginning God created the heaven and the earth."}],
-         None, {"enable_thinking": False}),
+        (
+            "chat (system prompt, enable_thinking=False)",
+            [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {
+                    "role": "user",
+                    "content": "Continue the passage: In the beginning God created the heaven and the earth.",
+                },
+            ],
+            None,
+            {"enable_thinking": False},
+        ),
         ("tool call", [{"role": "user", "content": "What does John 3:16 say?"}], [LOOKUP_TOOL], {}),
     ]
     for kind, msgs, tools, kw in chat_cases:
         prompt = hf_tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False, **kw)
         ids = hf_tok.encode(prompt)
         gen_ids = generate(ids, False, 80)
-        samples.append({"kind": kind + " (greedy)", "prompt": prompt,
-                        "output": hf_tok.decode(gen_ids, skip_special_tokens=False),
-                        "ended_with_im_end": im_end_id in gen_ids})
+        samples.append(
+            {
+                "kind": kind + " (greedy)",
+                "prompt": prompt,
+                "output": hf_tok.decode(gen_ids, skip_special_tokens=False),
+                "ended_with_im_end": im_end_id in gen_ids,
+            }
+        )
     # Tool round trip: feed the tool result back and let the model answer.
-    msgs = [{"role": "user", "content": "What does Genesis 1:3 say?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-                "name": "lookup_verse", "arguments": {"book": "Genesis", "chapter": 1, "verse": 3}}}]},
-            {"role": "tool", "content": "And God said, Let there be light: and there was light."}]
+    msgs = [
+        {"role": "user", "content": "What does Genesis 1:3 say?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "lookup_verse", "arguments": {"book": "Genesis", "chapter": 1, "verse": 3}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "And God said, Let there be light: and there was light."},
+    ]
     prompt = hf_tok.apply_chat_template(msgs, tools=[LOOKUP_TOOL], add_generation_prompt=True, tokenize=False)
     gen_ids = generate(hf_tok.encode(prompt), False, 60)
-    samples.append({"kind": "tool result -> answer (greedy)", "prompt": prompt,
-                    "output": hf_tok.decode(gen_ids, skip_special_tokens=False),
-                    "ended_with_im_end": im_end_id in gen_ids})
+    samples.append(
+        {
+            "kind": "tool result -> answer (greedy)",
+            "prompt": prompt,
+            "output": hf_tok.decode(gen_ids, skip_special_tokens=False),
+            "ended_with_im_end": im_end_id in gen_ids,
+        }
+    )
     for s in samples:
         print(f"[sample] {s['kind']}: {s['prompt'][-60:]!r} -> {s['output']!r}", flush=True)
 
@@ -1038,14 +1199,25 @@ def main():
     total_time = time.time() - t_start
     total_cpu = time.process_time() - cpu_start
     summary = {
-        "corpus": {"packages": {p: _deb_version(p) for p in CORPUS_PACKAGES}, "command": " ".join(BIBLE_CMD),
-                   "bytes": len(raw), "sha256": corpus_sha, "chapters": len(chapters), "verses": n_verses,
-                   "train_chapters": len(train_ch), "val_chapters": len(val_ch)},
+        "corpus": {
+            "packages": {p: _deb_version(p) for p in CORPUS_PACKAGES},
+            "command": " ".join(BIBLE_CMD),
+            "bytes": len(raw),
+            "sha256": corpus_sha,
+            "chapters": len(chapters),
+            "verses": n_verses,
+            "train_chapters": len(train_ch),
+            "val_chapters": len(val_ch),
+        },
         "tokens": {"train": int(train_ids.numel()), "train_chat": n_chat_tokens, "val": int(val_ids.numel())},
         "params": {"main": n_main, "main_active_per_token": n_active, "mtp": n_mtp, "embedding": n_embed},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "tokenizers": tokenizers.__version__, "python": sys.version.split()[0]},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "python": sys.version.split()[0],
+        },
         "log": log,
         "final_eval_bf16": final,
         "most_frequent_token_baseline_top1": unigram_acc,
@@ -1063,8 +1235,11 @@ def main():
     (out / "training_log.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     write_card(out, config, summary, have_png, args)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"[done] {out}: {size / 1e6:.2f} MB; total {total_time:.0f}s wall / {total_cpu:.0f}s CPU "
-          f"(training {train_time:.0f}s wall / {train_cpu:.0f}s CPU)", flush=True)
+    print(
+        f"[done] {out}: {size / 1e6:.2f} MB; total {total_time:.0f}s wall / {total_cpu:.0f}s CPU "
+        f"(training {train_time:.0f}s wall / {train_cpu:.0f}s CPU)",
+        flush=True,
+    )
 
 
 def _deb_version(pkg: str):
@@ -1083,16 +1258,20 @@ def write_card(out: Path, config, s, have_png: bool, args):
     w = lines.append
     w("# qnext_mlx demo model: a tiny Qwen3-Next trained on the King James Bible")
     w("")
-    w("A toy checkpoint (%.1fM parameters) in the real Hugging Face `qwen3_next` format, with every "
-      "architectural feature of Qwen3-Next-80B-A3B at small size, including the multi-token-prediction "
-      "(MTP) head. It is for testing and demonstrating `qnext_mlx` (loading, numerics against transformers, "
-      "caching, speculative decoding with MTP, chat templates, tool calls) without downloading a real model. "
-      "It writes KJV-like English; it knows nothing useful." % ((p["main"] + p["mtp"]) / 1e6))
+    w(
+        "A toy checkpoint (%.1fM parameters) in the real Hugging Face `qwen3_next` format, with every "
+        "architectural feature of Qwen3-Next-80B-A3B at small size, including the multi-token-prediction "
+        "(MTP) head. It is for testing and demonstrating `qnext_mlx` (loading, numerics against transformers, "
+        "caching, speculative decoding with MTP, chat templates, tool calls) without downloading a real model. "
+        "It writes KJV-like English; it knows nothing useful." % ((p["main"] + p["mtp"]) / 1e6)
+    )
     w("")
-    w("Made by `scripts/train_demo_model.py` (seeded, one CPU thread): training took %.0f s of CPU time "
-      "(%.0f s wall), the whole script %.0f s of CPU (%.0f s wall; wall time is longer than CPU time when the "
-      "machine's cores are shared). Reproduce with:"
-      % (s["train_cpu_s"], s["train_time_s"], s["total_cpu_s"], s["total_time_s"]))
+    w(
+        "Made by `scripts/train_demo_model.py` (seeded, one CPU thread): training took %.0f s of CPU time "
+        "(%.0f s wall), the whole script %.0f s of CPU (%.0f s wall; wall time is longer than CPU time when the "
+        "machine's cores are shared). Reproduce with:"
+        % (s["train_cpu_s"], s["train_time_s"], s["total_cpu_s"], s["total_time_s"])
+    )
     w("")
     w("```bash")
     w("apt-get update && apt-get install -y bible-kjv bible-kjv-text   # the corpus (once)")
@@ -1103,13 +1282,19 @@ def write_card(out: Path, config, s, have_png: bool, args):
     w("")
     w("| file | what |")
     w("| --- | --- |")
-    w("| `config.json` | `Qwen3NextConfig.save_pretrained` output, plus `num_nextn_predict_layers: 1` and the "
-      "top-level `full_attention_interval`, `rope_theta`, `partial_rotary_factor` of the published config |")
-    w("| `model.safetensors` | bfloat16; transformers' names (`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`, "
-      "conv1d as `[C, 1, K]`) plus the `mtp.*` tensors |")
+    w(
+        "| `config.json` | `Qwen3NextConfig.save_pretrained` output, plus `num_nextn_predict_layers: 1` and the "
+        "top-level `full_attention_interval`, `rope_theta`, `partial_rotary_factor` of the published config |"
+    )
+    w(
+        "| `model.safetensors` | bfloat16; transformers' names (`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`, "
+        "conv1d as `[C, 1, K]`) plus the `mtp.*` tensors |"
+    )
     w("| `generation_config.json` | eos = `<|im_end|>`, `<|endoftext|>`; temperature 0.7, top_p 0.8, top_k 20 |")
-    w("| `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` | byte-level BPE, %d tokens, "
-      "Qwen3's ChatML chat template |" % V)
+    w(
+        "| `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` | byte-level BPE, %d tokens, "
+        "Qwen3's ChatML chat template |" % V
+    )
     w("| `training_log.json` | every number on this card, the samples, and the loss curve |")
     if have_png:
         w("| `loss_curve.png` | the loss curve |")
@@ -1121,85 +1306,134 @@ def write_card(out: Path, config, s, have_png: bool, args):
     rows = [
         ("hidden size", config.hidden_size, 2048),
         ("layers", "4 = 3 x Gated DeltaNet + 1 x gated attention (`layer_types`), each followed by MoE", "48"),
-        ("Gated DeltaNet", f"{config.linear_num_key_heads} q/k heads x {config.linear_key_head_dim}, "
-         f"{config.linear_num_value_heads} value heads x {config.linear_value_head_dim}, conv kernel "
-         f"{config.linear_conv_kernel_dim}", "16 x 128, 32 x 128, 4"),
-        ("gated attention", f"{config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, "
-         f"head_dim {config.head_dim}, q_proj 2x wide (output gate), q/k norms", "16, 2, 256"),
-        ("RoPE", f"partial, factor {config.rope_parameters['partial_rotary_factor']} "
-         f"({int(config.head_dim * config.rope_parameters['partial_rotary_factor'])} of {config.head_dim} dims), "
-         f"theta {config.rope_parameters['rope_theta']:.0e}", "64 of 256, 1e7"),
-        ("MoE", f"{config.num_experts} experts, top-{config.num_experts_per_tok}, norm_topk_prob "
-         f"{config.norm_topk_prob}, expert size {config.moe_intermediate_size}; shared expert "
-         f"{config.shared_expert_intermediate_size} with sigmoid gate", "512, top-10, 512; 512"),
+        (
+            "Gated DeltaNet",
+            f"{config.linear_num_key_heads} q/k heads x {config.linear_key_head_dim}, "
+            f"{config.linear_num_value_heads} value heads x {config.linear_value_head_dim}, conv kernel "
+            f"{config.linear_conv_kernel_dim}",
+            "16 x 128, 32 x 128, 4",
+        ),
+        (
+            "gated attention",
+            f"{config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, "
+            f"head_dim {config.head_dim}, q_proj 2x wide (output gate), q/k norms",
+            "16, 2, 256",
+        ),
+        (
+            "RoPE",
+            f"partial, factor {config.rope_parameters['partial_rotary_factor']} "
+            f"({int(config.head_dim * config.rope_parameters['partial_rotary_factor'])} of {config.head_dim} dims), "
+            f"theta {config.rope_parameters['rope_theta']:.0e}",
+            "64 of 256, 1e7",
+        ),
+        (
+            "MoE",
+            f"{config.num_experts} experts, top-{config.num_experts_per_tok}, norm_topk_prob "
+            f"{config.norm_topk_prob}, expert size {config.moe_intermediate_size}; shared expert "
+            f"{config.shared_expert_intermediate_size} with sigmoid gate",
+            "512, top-10, 512; 512",
+        ),
         ("norms", "zero-centred RMSNorm (y = rmsnorm(x) * (1 + w)), eps 1e-6; gated RMSNorm in DeltaNet", "same"),
         ("embeddings", f"vocab {V}, untied (`lm_head` separate)", "151,936, untied"),
-        ("MTP", "1 layer: fc(concat[pre_fc_norm_embedding(embed(t+1)), pre_fc_norm_hidden(h_t)]) -> "
-         "gated attention + MoE layer -> norm -> shared lm_head, predicts t+2", "same"),
-        ("parameters", f"{p['main']:,} main ({p['main_active_per_token']:,} active per token), "
-         f"{p['mtp']:,} MTP; embeddings {p['embedding']:,} (and as many in lm_head)", "80B / 3B active"),
+        (
+            "MTP",
+            "1 layer: fc(concat[pre_fc_norm_embedding(embed(t+1)), pre_fc_norm_hidden(h_t)]) -> "
+            "gated attention + MoE layer -> norm -> shared lm_head, predicts t+2",
+            "same",
+        ),
+        (
+            "parameters",
+            f"{p['main']:,} main ({p['main_active_per_token']:,} active per token), "
+            f"{p['mtp']:,} MTP; embeddings {p['embedding']:,} (and as many in lm_head)",
+            "80B / 3B active",
+        ),
     ]
     for r in rows:
         w("| %s | %s | %s |" % r)
     w("")
-    w("The MTP tensors are `mtp.fc.weight` `[H, 2H]` (embedding half first), `mtp.pre_fc_norm_embedding.weight`, "
-      "`mtp.pre_fc_norm_hidden.weight`, `mtp.norm.weight`, and `mtp.layers.0.*` with the same names as a "
-      "transformers `Qwen3NextDecoderLayer` of type full_attention (per-expert `mlp.experts.E.*`). The rotary "
-      "position of MTP pair i (hidden state h_i with token t_{i+1}) is i. transformers ignores `mtp.*` when "
-      "loading (`_keys_to_ignore_on_load_unexpected`).")
+    w(
+        "The MTP tensors are `mtp.fc.weight` `[H, 2H]` (embedding half first), `mtp.pre_fc_norm_embedding.weight`, "
+        "`mtp.pre_fc_norm_hidden.weight`, `mtp.norm.weight`, and `mtp.layers.0.*` with the same names as a "
+        "transformers `Qwen3NextDecoderLayer` of type full_attention (per-expert `mlp.experts.E.*`). The rotary "
+        "position of MTP pair i (hidden state h_i with token t_{i+1}) is i. transformers ignores `mtp.*` when "
+        "loading (`_keys_to_ignore_on_load_unexpected`)."
+    )
     w("")
     w("## Corpus")
     w("")
     c = s["corpus"]
     pk = ", ".join(f"`{k}` {v or '(version not recorded)'}" for k, v in c["packages"].items())
-    w("The King James Version of the Bible (1611), from the Debian package `bible-kjv-text` (the text, in "
-      "compressed form in `/usr/lib/bible.data`) read out with the `bible` program of `bible-kjv` "
-      f"(Debian packages: {pk}): `{c['command']}` gives {c['verses']:,} verses, one a line, "
-      f"{c['bytes']:,} bytes (sha256 `{c['sha256']}`).")
+    w(
+        "The King James Version of the Bible (1611), from the Debian package `bible-kjv-text` (the text, in "
+        "compressed form in `/usr/lib/bible.data`) read out with the `bible` program of `bible-kjv` "
+        f"(Debian packages: {pk}): `{c['command']}` gives {c['verses']:,} verses, one a line, "
+        f"{c['bytes']:,} bytes (sha256 `{c['sha256']}`)."
+    )
     w("")
-    w("Licence: public domain. Debian's copyright file for the package: \"The copyright for the King James "
-      "Version text of the Bible is expired since the translation was done in 1611\" (the `bible` program is "
-      "GPL-2+, but only its output text is used). (In the United Kingdom alone the Crown's letters patent "
-      "still restrict printing of the KJV; the text is free everywhere else.) The raw corpus is not stored "
-      "in this repository: the script makes it again from the package.")
+    w(
+        "Licence: public domain. Debian's copyright file for the package: \"The copyright for the King James "
+        'Version text of the Bible is expired since the translation was done in 1611" (the `bible` program is '
+        "GPL-2+, but only its output text is used). (In the United Kingdom alone the Crown's letters patent "
+        "still restrict printing of the KJV; the text is free everywhere else.) The raw corpus is not stored "
+        "in this repository: the script makes it again from the package."
+    )
     w("")
-    w(f"Each chapter becomes a document \"Book N\\n\\n\" followed by its verses, one a line; documents are "
-      f"separated by `<|endoftext|>`. Every {args.val_every_nth_chapter}th chapter "
-      f"({c['val_chapters']} of {c['chapters']}) is held out for validation. About "
-      f"{100 * s['tokens']['train_chat'] / s['tokens']['train']:.0f}% of the training tokens are ChatML "
-      f"conversations made from training chapters with the chat template: {args.chat_docs} where the user gives a "
-      f"verse and the assistant continues with the next 1-3 (30% with a system prompt, 20% two turns), and "
-      f"{args.tool_docs} where the user asks for \"Book C:V\", the assistant calls a `lookup_verse` tool "
-      "(`<tool_call>` JSON), the tool answers with the verse and the assistant quotes it. As Qwen3's template "
-      "renders it, the final assistant turn carries an empty `<think>\\n\\n</think>\\n\\n` block.")
+    w(
+        f'Each chapter becomes a document "Book N\\n\\n" followed by its verses, one a line; documents are '
+        f"separated by `<|endoftext|>`. Every {args.val_every_nth_chapter}th chapter "
+        f"({c['val_chapters']} of {c['chapters']}) is held out for validation. About "
+        f"{100 * s['tokens']['train_chat'] / s['tokens']['train']:.0f}% of the training tokens are ChatML "
+        f"conversations made from training chapters with the chat template: {args.chat_docs} where the user gives a "
+        f"verse and the assistant continues with the next 1-3 (30% with a system prompt, 20% two turns), and "
+        f'{args.tool_docs} where the user asks for "Book C:V", the assistant calls a `lookup_verse` tool '
+        "(`<tool_call>` JSON), the tool answers with the verse and the assistant quotes it. As Qwen3's template "
+        "renders it, the final assistant turn carries an empty `<think>\\n\\n</think>\\n\\n` block."
+    )
     w("")
     w("## Training")
     w("")
     tk = s["tokens"]
-    w(f"- Tokenizer: byte-level BPE (`tokenizers`, Qwen2's pre-tokenisation regex, NFC), trained on the training "
-      f"chapters: {V - len(ADDED_TOKENS)} learned tokens + {len(ADDED_TOKENS)} added: "
-      + ", ".join(f"`{t}`" for t, _ in ADDED_TOKENS) + " (the last four not special, as in Qwen3).")
-    w(f"- Data: {tk['train']:,} training tokens ({tk['train_chat']:,} of them chat/tool), {tk['val']:,} "
-      "validation tokens.")
-    w(f"- {args.steps} steps of {args.batch} x {args.seq} tokens (random windows, "
-      f"{args.steps * args.batch * args.seq / tk['train']:.1f} epochs), AdamW (0.9, 0.95), peak lr "
-      f"{args.lr:g}, {args.warmup} warm-up steps then cosine to 10%, weight decay {args.weight_decay} (not on "
-      f"A_log, dt_bias), gradient clip 1.0, fp32.")
-    w(f"- Loss: main LM cross-entropy + {args.mtp_weight} x MTP cross-entropy (t+2) + {args.aux_coef} x "
-      "load-balancing loss over all routers (main and MTP). Gradients of the MTP loss reach the main model.")
-    w(f"- Seed {args.seed}, {args.threads} thread(s); versions: " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ".")
-    w("- The weights are rounded to bfloat16 for the checkpoint; every number below is measured on the rounded "
-      "weights (computed in float32).")
+    w(
+        f"- Tokenizer: byte-level BPE (`tokenizers`, Qwen2's pre-tokenisation regex, NFC), trained on the training "
+        f"chapters: {V - len(ADDED_TOKENS)} learned tokens + {len(ADDED_TOKENS)} added: "
+        + ", ".join(f"`{t}`" for t, _ in ADDED_TOKENS)
+        + " (the last four not special, as in Qwen3)."
+    )
+    w(
+        f"- Data: {tk['train']:,} training tokens ({tk['train_chat']:,} of them chat/tool), {tk['val']:,} "
+        "validation tokens."
+    )
+    w(
+        f"- {args.steps} steps of {args.batch} x {args.seq} tokens (random windows, "
+        f"{args.steps * args.batch * args.seq / tk['train']:.1f} epochs), AdamW (0.9, 0.95), peak lr "
+        f"{args.lr:g}, {args.warmup} warm-up steps then cosine to 10%, weight decay {args.weight_decay} (not on "
+        f"A_log, dt_bias), gradient clip 1.0, fp32."
+    )
+    w(
+        f"- Loss: main LM cross-entropy + {args.mtp_weight} x MTP cross-entropy (t+2) + {args.aux_coef} x "
+        "load-balancing loss over all routers (main and MTP). Gradients of the MTP loss reach the main model."
+    )
+    w(
+        f"- Seed {args.seed}, {args.threads} thread(s); versions: "
+        + ", ".join(f"{k} {v}" for k, v in s["versions"].items())
+        + "."
+    )
+    w(
+        "- The weights are rounded to bfloat16 for the checkpoint; every number below is measured on the rounded "
+        "weights (computed in float32)."
+    )
     w("")
     w("## Loss curve")
     w("")
     if have_png:
         w("![loss curve](loss_curve.png)")
         w("")
-    w(f"Cross-entropy in nats per token. Train: mean over the steps since the previous row, on the training "
-      f"mix (its chat/tool conversations are very predictable, which is part of why train is below validation). "
-      f"Validation: the first {args.eval_windows} held-out windows of {args.seq} tokens (plain text only), "
-      f"in float32 weights during training.")
+    w(
+        f"Cross-entropy in nats per token. Train: mean over the steps since the previous row, on the training "
+        f"mix (its chat/tool conversations are very predictable, which is part of why train is below validation). "
+        f"Validation: the first {args.eval_windows} held-out windows of {args.seq} tokens (plain text only), "
+        f"in float32 weights during training."
+    )
     w("")
     w("| step | tokens seen | train loss | val loss | val MTP loss (t+2) |")
     w("| ---: | ---: | ---: | ---: | ---: |")
@@ -1209,56 +1443,77 @@ def write_card(out: Path, config, s, have_png: bool, args):
     w("")
     w("## Held-out accuracy")
     w("")
-    w(f"On all {fe['tokens']:,} held-out positions (bf16 weights; the whole held-out set, so the loss differs "
-      f"from the last row of the curve, which covers its first {args.eval_windows} windows):")
+    w(
+        f"On all {fe['tokens']:,} held-out positions (bf16 weights; the whole held-out set, so the loss differs "
+        f"from the last row of the curve, which covers its first {args.eval_windows} windows):"
+    )
     w("")
     w("| | loss | top-1 accuracy |")
     w("| --- | ---: | ---: |")
     w(f"| main model, next token (t+1) | {fe['main_loss']:.3f} | {100 * fe['main_top1']:.1f}% |")
     w(f"| MTP head, next-next token (t+2) | {fe['mtp_loss']:.3f} | {100 * fe['mtp_top1']:.1f}% |")
-    w(f"| always the most frequent token ({s['most_frequent_token']!r}) | | "
-      f"{100 * s['most_frequent_token_baseline_top1']:.1f}% |")
+    w(
+        f"| always the most frequent token ({s['most_frequent_token']!r}) | | "
+        f"{100 * s['most_frequent_token_baseline_top1']:.1f}% |"
+    )
     w(f"| chance (1/{V}) | {math.log(V):.3f} | {100 / V:.3f}% |")
     w("")
-    w(f"The MTP head's top-1 choice equals the main model's own greedy choice for the same token "
-      f"{100 * fe['mtp_agree_with_main_greedy']:.1f}% of the time (teacher-forced): a proxy for its acceptance "
-      "rate as a greedy speculative drafter.")
+    w(
+        f"The MTP head's top-1 choice equals the main model's own greedy choice for the same token "
+        f"{100 * fe['mtp_agree_with_main_greedy']:.1f}% of the time (teacher-forced): a proxy for its acceptance "
+        "rate as a greedy speculative drafter."
+    )
     w("")
     w("## Checks done by the script")
     w("")
     rt = s["roundtrip_max_abs_logit_diff"]
     tc = s["tokenizer_checks"]
-    w(f"- `Qwen3NextForCausalLM.from_pretrained(dir)` reloads the checkpoint (mtp.* ignored) and gives the trained "
-      f"model's logits: max abs difference {rt['main']:.1e}; the MTP head rebuilt from the `mtp.*` tensors: "
-      f"{rt['mtp']:.1e}. The main layers' per-expert tensors equal the fused ones (gate rows first).")
-    w(f"- Greedy generation with the cache equals greedy re-running of the whole prefix: {s['cache_consistent_greedy']}.")
+    w(
+        f"- `Qwen3NextForCausalLM.from_pretrained(dir)` reloads the checkpoint (mtp.* ignored) and gives the trained "
+        f"model's logits: max abs difference {rt['main']:.1e}; the MTP head rebuilt from the `mtp.*` tensors: "
+        f"{rt['mtp']:.1e}. The main layers' per-expert tensors equal the fused ones (gate rows first)."
+    )
+    w(
+        f"- Greedy generation with the cache equals greedy re-running of the whole prefix: {s['cache_consistent_greedy']}."
+    )
     if "mlx_roundtrip" in tc:
-        w(f"- Tokenizer loads with `transformers.AutoTokenizer` and `mlx_lm.tokenizer_utils.load`; encode/decode round "
-          f"trip and identical ids: {tc['hf_roundtrip'] and tc['mlx_roundtrip'] and tc['same_ids']}; mlx-lm's chat "
-          f"template output equals transformers': {tc['mlx_chat_template_matches_hf']}; mlx-lm eos ids "
-          f"{tc['mlx_eos_ids']}, tool calling detected {tc['mlx_has_tool_calling']}, thinking detected "
-          f"{tc['mlx_has_thinking']}.")
+        w(
+            f"- Tokenizer loads with `transformers.AutoTokenizer` and `mlx_lm.tokenizer_utils.load`; encode/decode round "
+            f"trip and identical ids: {tc['hf_roundtrip'] and tc['mlx_roundtrip'] and tc['same_ids']}; mlx-lm's chat "
+            f"template output equals transformers': {tc['mlx_chat_template_matches_hf']}; mlx-lm eos ids "
+            f"{tc['mlx_eos_ids']}, tool calling detected {tc['mlx_has_tool_calling']}, thinking detected "
+            f"{tc['mlx_has_thinking']}."
+        )
     else:
-        w(f"- Tokenizer loads with `transformers.AutoTokenizer`; encode/decode round trip: {tc['hf_roundtrip']} "
-          "(mlx-lm was not installed, so its loader was not checked).")
+        w(
+            f"- Tokenizer loads with `transformers.AutoTokenizer`; encode/decode round trip: {tc['hf_roundtrip']} "
+            "(mlx-lm was not installed, so its loader was not checked)."
+        )
     mc = s.get("mlx_lm_check")
     if mc:
-        w(f"- mlx-lm {mc['mlx_lm']} (mlx {mc['mlx']}) loads the checkpoint with `mlx_lm.utils.load`; in float32 on "
-          f"{mc['tokens']} tokens of Genesis 1 its logits differ from transformers' by at most {mc['max_abs_diff']:.1e} "
-          f"(same argmax at {100 * mc['argmax_agree']:.0f}% of positions). Nearly all of that comes from mlx-lm "
-          f"adding 1 to the zero-centred norm weights in bfloat16 when it loads them: with that addition done in "
-          f"float32 the difference is {mc['max_abs_diff_norm_plus_one_in_fp32']:.1e}. (Smallest gap between a "
-          f"token's 2nd and 3rd router probability on this text: {mc['min_router_gap_2nd_3rd']:.1e}. Where such a "
-          "gap is tiny, rounding alone flips the expert choice and the logits of that and later tokens differ "
-          "for real; some held-out windows have gaps below 1e-7, so compare implementations on several texts.)")
+        w(
+            f"- mlx-lm {mc['mlx_lm']} (mlx {mc['mlx']}) loads the checkpoint with `mlx_lm.utils.load`; in float32 on "
+            f"{mc['tokens']} tokens of Genesis 1 its logits differ from transformers' by at most {mc['max_abs_diff']:.1e} "
+            f"(same argmax at {100 * mc['argmax_agree']:.0f}% of positions). Nearly all of that comes from mlx-lm "
+            f"adding 1 to the zero-centred norm weights in bfloat16 when it loads them: with that addition done in "
+            f"float32 the difference is {mc['max_abs_diff_norm_plus_one_in_fp32']:.1e}. (Smallest gap between a "
+            f"token's 2nd and 3rd router probability on this text: {mc['min_router_gap_2nd_3rd']:.1e}. Where such a "
+            "gap is tiny, rounding alone flips the expert choice and the logits of that and later tokens differ "
+            "for real; some held-out windows have gaps below 1e-7, so compare implementations on several texts.)"
+        )
     w("")
     w("## Samples")
     w("")
-    w("From the reloaded checkpoint with transformers' `generate` (float32 compute), 60-80 new tokens, special "
-      "tokens shown.")
+    w(
+        "From the reloaded checkpoint with transformers' `generate` (float32 compute), 60-80 new tokens, special "
+        "tokens shown."
+    )
     w("")
     for smp in s["samples"]:
-        w(f"**{smp['kind']}**" + (f" (emitted `<|im_end|>`: {smp['ended_with_im_end']})" if "ended_with_im_end" in smp else ""))
+        w(
+            f"**{smp['kind']}**"
+            + (f" (emitted `<|im_end|>`: {smp['ended_with_im_end']})" if "ended_with_im_end" in smp else "")
+        )
         w("")
         w("```text")
         prompt = smp["prompt"]

@@ -46,7 +46,8 @@ def chat_model_folder(hf_checkpoint) -> Path:
         vocab = json.loads((folder / "tokenizer.json").read_text())
         ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
         (folder / "generation_config.json").write_text(
-            json.dumps({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
+            json.dumps({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
+        )
     return folder
 
 

@@ -1,9 +1,9 @@
 """The desktop chat app: its core without a display, its window under Xvfb.
 
-The window tests need ``Xvfb`` (and ``xdotool`` to type like a user). When they
-are missing and the tests run as root with apt-get, they are installed
-(``apt-get install -y xvfb xdotool``; set ``QNEXT_MLX_NO_APT=1`` to forbid that);
-otherwise those tests are skipped with the reason. Set ``QNEXT_MLX_SCREENSHOT=PATH``
+The window tests need ``Xvfb`` (and ``xdotool`` to type like a user); the test
+command (``scripts/test.sh``, via ``scripts/install-test-deps.sh``) installs them where
+it can, and without them those tests are skipped with the reason. Tests never install
+anything themselves. Set ``QNEXT_MLX_SCREENSHOT=PATH``
 to also write the end-to-end test's screenshot there (the README's
 ``docs/screenshots/app.png`` is made that way).
 """
@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from chat_helpers import ChunkGate, ScriptedModel, chat_model_folder, last_user_text
 
 import qnext_mlx
+from qnext_mlx.serve.chat_session import ChatEngine, ChatError, ChatSession, ReplyStats, SamplingSettings
 from qnext_mlx.ui.desktop import (
     AppSettings,
     ConversationStore,
@@ -31,7 +31,6 @@ from qnext_mlx.ui.desktop import (
     app_data_dir,
     format_indicators,
 )
-from qnext_mlx.serve.chat_session import ChatEngine, ChatError, ChatSession, ReplyStats, SamplingSettings
 
 THINK = "<think>\nLet me think about it.\n</think>\n\nThe answer is 42."
 
@@ -54,7 +53,10 @@ def model_dir(hf_checkpoint):
 def scripted_loader(model_dir):
     def load_engine(model_arg):
         model, tokenizer = qnext_mlx.load(model_dir)
-        return ChatEngine(ScriptedModel(model, tokenizer, responder), tokenizer, cache_size=3, max_context=8192), "scripted"
+        return ChatEngine(
+            ScriptedModel(model, tokenizer, responder), tokenizer, cache_size=3, max_context=8192
+        ), "scripted"
+
     return load_engine
 
 
@@ -64,8 +66,9 @@ def test_app_data_folder_per_platform(tmp_path):
     assert app_data_dir("darwin", {}, home) == home / "Library" / "Application Support" / "qnext-mlx"
     assert app_data_dir("linux", {}, home) == home / ".local" / "share" / "qnext-mlx"
     assert app_data_dir("linux", {"XDG_DATA_HOME": "/x/data"}, home) == Path("/x/data/qnext-mlx")
-    assert app_data_dir("win32", {"APPDATA": "C:/Users/a/AppData/Roaming"}, home) == \
-        Path("C:/Users/a/AppData/Roaming/qnext-mlx")
+    assert app_data_dir("win32", {"APPDATA": "C:/Users/a/AppData/Roaming"}, home) == Path(
+        "C:/Users/a/AppData/Roaming/qnext-mlx"
+    )
     assert app_data_dir("darwin", {"QNEXT_MLX_APP_DIR": "/custom"}, home) == Path("/custom")
 
 
@@ -73,8 +76,10 @@ def test_conversation_store_round_trip(tmp_path):
     store = ConversationStore(tmp_path / "app")
     assert store.list() == []
     s = ChatSession(system="Be brief.", settings=SamplingSettings(temp=0.3, max_tokens=99), title="Greetings")
-    s.messages = [{"role": "user", "content": "hi"},
-                  {"role": "assistant", "content": "hello", "reasoning_content": "a greeting"}]
+    s.messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "reasoning_content": "a greeting"},
+    ]
     store.save(s)
     other = ChatSession(title="Second")
     other.messages = [{"role": "user", "content": "x"}]
@@ -102,10 +107,16 @@ def test_conversation_store_round_trip(tmp_path):
 
 
 def test_status_indicators():
-    stats = ReplyStats("stop", prompt_tokens=100, cached_tokens=80, generation_tokens=20, generation_tps=31.25,
-                       context_tokens=120, max_context=1000)
-    assert format_indicators(stats, 1000) == \
-        "31.2 tok/s  |  prompt 100 (80 cached)  |  context 120 / 1,000 (12.0%)"
+    stats = ReplyStats(
+        "stop",
+        prompt_tokens=100,
+        cached_tokens=80,
+        generation_tokens=20,
+        generation_tps=31.25,
+        context_tokens=120,
+        max_context=1000,
+    )
+    assert format_indicators(stats, 1000) == "31.2 tok/s  |  prompt 100 (80 cached)  |  context 120 / 1,000 (12.0%)"
 
 
 def _events_until(worker, kinds, timeout=60):
@@ -211,31 +222,27 @@ def test_missing_model_is_reported_not_fatal(tmp_path):
 
 
 # ------------------------------------------------------------ with a display
-def _ensure_x_tools():
+def _missing_x_tools():
     missing = [t for t in ("Xvfb", "xdotool") if shutil.which(t) is None]
-    if not missing:
-        return None
-    can_apt = shutil.which("apt-get") and os.geteuid() == 0 and not os.environ.get("QNEXT_MLX_NO_APT")
-    if can_apt:
-        cmd = ["apt-get", "install", "-y", "--no-install-recommends", "xvfb", "xdotool"]
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        ok = subprocess.run(cmd, capture_output=True, env=env, timeout=600).returncode == 0
-        if not ok:
-            subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
-            subprocess.run(cmd, capture_output=True, env=env, timeout=600)
-    missing = [t for t in ("Xvfb", "xdotool") if shutil.which(t) is None]
-    return f"{' and '.join(missing)} not installed (apt-get install xvfb xdotool)" if missing else None
+    return f"{' and '.join(missing)} not installed (scripts/install-test-deps.sh installs them)" if missing else None
 
 
 @pytest.fixture(scope="module")
 def xdisplay():
     pytest.importorskip("tkinter", reason="this Python has no Tkinter")
-    reason = _ensure_x_tools()
+    reason = _missing_x_tools()
     if reason:
         pytest.skip(reason)
-    n = next(n for n in range(91, 400) if not os.path.exists(f"/tmp/.X11-unix/X{n}") and not os.path.exists(f"/tmp/.X{n}-lock"))
-    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1000x660x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n = next(
+        n
+        for n in range(91, 400)
+        if not os.path.exists(f"/tmp/.X11-unix/X{n}") and not os.path.exists(f"/tmp/.X{n}-lock")
+    )
+    proc = subprocess.Popen(
+        ["Xvfb", f":{n}", "-screen", "0", "1000x660x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     end = time.monotonic() + 20
     while not os.path.exists(f"/tmp/.X11-unix/X{n}"):
         if proc.poll() is not None or time.monotonic() > end:
@@ -277,8 +284,13 @@ def test_window_streams_a_reply_collapses_thinking_and_stops(xdisplay, scripted_
         app.entry.insert("1.0", "think about life")
         app.send_button.invoke()
         seen_partial = []
-        _pump(root, lambda: seen_partial.append(app.transcript_text()) or (
-            app._stream_state is None and not worker.generating.is_set() and "42" in app.transcript_text()))
+        _pump(
+            root,
+            lambda: (
+                seen_partial.append(app.transcript_text())
+                or (app._stream_state is None and not worker.generating.is_set() and "42" in app.transcript_text())
+            ),
+        )
         text = app.transcript_text()
         assert "You\nthink about life\nAssistant\n▾ Thinking\nLet me think about it.\nThe answer is 42." in text
         assert app.entry.get("1.0", "end-1c") == ""
@@ -337,12 +349,31 @@ def test_app_end_to_end_typing_into_the_window_with_screenshot(xdisplay, model_d
 
     data = tmp_path / "data"
     env = dict(os.environ, DISPLAY=xdisplay)
-    proc = subprocess.Popen([sys.executable, "-m", "qnext_mlx.app", "--model", str(model_dir), "--data-dir", str(data),
-                             "--max-tokens", "120"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qnext_mlx.app",
+            "--model",
+            str(model_dir),
+            "--data-dir",
+            str(data),
+            "--max-tokens",
+            "120",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        found = subprocess.run(["xdotool", "search", "--sync", "--onlyvisible", "--name", "qnext-mlx chat"],
-                               env=env, capture_output=True, text=True, timeout=60)
+        found = subprocess.run(
+            ["xdotool", "search", "--sync", "--onlyvisible", "--name", "qnext-mlx chat"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         window = found.stdout.split()[0]
         subprocess.run(["xdotool", "windowmove", "--sync", window, "0", "0"], env=env, timeout=30)
         subprocess.run(["xdotool", "windowfocus", "--sync", window], env=env, timeout=30)
@@ -390,7 +421,12 @@ def test_app_cli_errors_are_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("error: argument --max-tokens")
     env = dict(os.environ)
     env.pop("DISPLAY", None)
-    r = subprocess.run([sys.executable, "-m", "qnext_mlx.app", "--data-dir", "/tmp/qnext-no-display"], env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "qnext_mlx.app", "--data-dir", "/tmp/qnext-no-display"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert r.stderr.startswith("error: cannot open a window") and "display" in r.stderr

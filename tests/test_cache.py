@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlx.core as mx
-
 import qnext_mlx
-from qnext_mlx.model.cache import ModelCache
-from qnext_mlx.errors import CacheError
 from qnext_mlx.engine.primitives import forward, prefill
+from qnext_mlx.errors import CacheError
+from qnext_mlx.model.cache import ModelCache
 
 pytest.importorskip("torch")
 
@@ -20,8 +19,9 @@ pytest.importorskip("torch")
 # prompts: 8-bit rel. L2 0.0033 / KL 1e-5, 4-bit rel. L2 0.060 / KL 0.0022).
 KV_TOLERANCE = {8: dict(rel_l2=0.01, kl=1e-3), 4: dict(rel_l2=0.1, kl=1e-2)}
 
-DENSE = dict(vocab_size=320, head_dim=64, mlp_only_layers=[0, 1, 2, 3],
-             layer_types=["linear_attention", "full_attention"] * 2)
+DENSE = dict(
+    vocab_size=320, head_dim=64, mlp_only_layers=[0, 1, 2, 3], layer_types=["linear_attention", "full_attention"] * 2
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +148,9 @@ def test_load_refuses_other_models_and_bad_files(hybrid, hf_checkpoint, chat_mod
     prefill(hybrid, cache, ids_of(6))
     path = tmp_path / "c.safetensors"
     cache.save(path)
-    other_config = qnext_mlx.load_model(hf_checkpoint("cache_linear_only", seed=2,
-                                                      layer_types=["linear_attention"] * 4)[0])
+    other_config = qnext_mlx.load_model(
+        hf_checkpoint("cache_linear_only", seed=2, layer_types=["linear_attention"] * 4)[0]
+    )
     other_weights = qnext_mlx.load_model(hf_checkpoint("cache_other_weights", seed=9, mtp=True, vocab_size=320)[0])
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
@@ -186,8 +187,9 @@ def test_reuse_extends_restores_checkpoint_or_resets(hybrid):
 
 
 def test_reuse_trims_attention_only_cache(hf_checkpoint):
-    model = qnext_mlx.load_model(hf_checkpoint("cache_attn_only", seed=2, layer_types=["full_attention"] * 2,
-                                               num_hidden_layers=2)[0])
+    model = qnext_mlx.load_model(
+        hf_checkpoint("cache_attn_only", seed=2, layer_types=["full_attention"] * 2, num_hidden_layers=2)[0]
+    )
     a, b, c = ids_of(8, seed=9, vocab=160), ids_of(4, seed=10, vocab=160), ids_of(3, seed=11, vocab=160)
     cache = model.make_cache()
     prefill(model, cache, a + b)
@@ -244,8 +246,9 @@ def test_nbytes_and_kv_settings(hybrid):
 
 
 def test_mlx_lm_helpers_accept_the_cache(hybrid):
-    from mlx_lm.models.cache import can_trim_prompt_cache
     import importlib
+
+    from mlx_lm.models.cache import can_trim_prompt_cache
 
     generate_step = importlib.import_module("mlx_lm.generate").generate_step
     cache = hybrid.make_cache()

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from chat_helpers import ROOT, chat_model_folder
 
 pty = pytest.importorskip("pty")
@@ -179,8 +178,11 @@ def test_scripted_chat_session_through_a_terminal(model_dir, tmp_path):
         term.read_until(r"saved 6 messages to")
         saved = json.loads(conv.read_text())
         assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 3
-        assert saved["messages"][3] == {"role": "assistant", "content": "The answer is 42.",
-                                        "reasoning_content": "Let me think about it."}
+        assert saved["messages"][3] == {
+            "role": "assistant",
+            "content": "The answer is 42.",
+            "reasoning_content": "Let me think about it.",
+        }
         assert saved["system"] == "You are terse."
         assert (tmp_path / "conv.json.cache.safetensors").exists()
 
@@ -228,8 +230,10 @@ def test_ctrl_c_during_a_long_prompt_stops_the_prefill(model_dir):
         term.type("hello " + "the quick brown fox jumps over the lazy dog " * 12)
         term.read_until(r"\[prefilling\]")
         term.press("\x03")
-        m = term.read_until(r"\[(\d+) tokens, [\d.]+ tok/s \| prompt (\d+) tokens \((\d+) cached\)"
-                            r".*\| context (\d+)/4096 \| stopped\]")
+        m = term.read_until(
+            r"\[(\d+) tokens, [\d.]+ tok/s \| prompt (\d+) tokens \((\d+) cached\)"
+            r".*\| context (\d+)/4096 \| stopped\]"
+        )
         generated, prompt, cached, context = map(int, m.groups())
         # Stopped right after the first 8-token chunk of a prompt of more than 10; nothing generated.
         assert (generated, cached, context) == (0, 0, 8) and prompt > 10 * 8
@@ -245,8 +249,21 @@ def test_ctrl_c_during_a_long_prompt_stops_the_prefill(model_dir):
 
 
 def test_chat_on_the_model_with_plain_output(model_dir):
-    term = Terminal([sys.executable, "-m", "qnext_mlx.chat", "--model", str(model_dir), "--max-tokens", "6",
-                     "--temp", "0", "--color", "never"])
+    term = Terminal(
+        [
+            sys.executable,
+            "-m",
+            "qnext_mlx.chat",
+            "--model",
+            str(model_dir),
+            "--max-tokens",
+            "6",
+            "--temp",
+            "0",
+            "--color",
+            "never",
+        ]
+    )
     try:
         term.read_until(r">>> ")
         term.type("Hello there")
@@ -264,8 +281,12 @@ def test_cli_errors_are_one_line(capsys):
 
     from qnext_mlx import chat
 
-    r = subprocess.run([sys.executable, "-m", "qnext_mlx.chat", "--model", "/nonexistent/model"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "qnext_mlx.chat", "--model", "/nonexistent/model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert [line for line in r.stderr.splitlines() if line.startswith("error: ")] == r.stderr.strip().splitlines()[-1:]
     with pytest.raises(SystemExit) as info:
@@ -279,8 +300,8 @@ def test_repl_without_a_terminal(model_dir):
     """The loop itself, fed lines directly (no model call for commands)."""
     import io
 
-    from qnext_mlx.ui.terminal import ChatREPL
     from qnext_mlx.serve.chat_session import ChatSession
+    from qnext_mlx.ui.terminal import ChatREPL
 
     lines = iter(["/help", "/system", "/save", "/bogus", "/quit"])
     out = io.StringIO()
@@ -293,8 +314,9 @@ def test_repl_without_a_terminal(model_dir):
 # ------------------------------------------------- the shared session logic
 @pytest.fixture(scope="module")
 def scripted_engine(model_dir):
-    import qnext_mlx
     from chat_helpers import ScriptedModel, last_user_text
+
+    import qnext_mlx
     from qnext_mlx.serve.chat_session import ChatEngine
 
     model, tokenizer = qnext_mlx.load(model_dir)

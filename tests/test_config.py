@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qnext_mlx.model.config import ModelConfig
 from qnext_mlx.errors import ConfigError
+from qnext_mlx.model.config import ModelConfig
 
 # The published Qwen3-Next-80B-A3B-Instruct config.json (legacy rope spelling).
 PUBLISHED_80B = {
@@ -67,7 +67,11 @@ def test_rope_parameters_spelling_matches_legacy():
         new.pop(k)
     new["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25}
     a, b = ModelConfig.from_dict(PUBLISHED_80B), ModelConfig.from_dict(new)
-    assert (a.rope_theta, a.partial_rotary_factor, a.rope_scaling) == (b.rope_theta, b.partial_rotary_factor, b.rope_scaling)
+    assert (a.rope_theta, a.partial_rotary_factor, a.rope_scaling) == (
+        b.rope_theta,
+        b.partial_rotary_factor,
+        b.rope_scaling,
+    )
 
 
 @pytest.mark.parametrize("spelling", ["rope_scaling", "rope_parameters"])
@@ -81,8 +85,12 @@ def test_yarn_in_both_spellings(spelling):
 
 
 def test_layer_types_take_precedence_and_mtp_count():
-    cfg = dict(PUBLISHED_80B, num_hidden_layers=4, num_nextn_predict_layers=1,
-               layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"])
+    cfg = dict(
+        PUBLISHED_80B,
+        num_hidden_layers=4,
+        num_nextn_predict_layers=1,
+        layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
+    )
     c = ModelConfig.from_dict(cfg)
     assert c.layer_types[0] == "full_attention" and c.num_mtp_layers == 1
 

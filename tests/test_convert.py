@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 import qnext_mlx
-from qnext_mlx.model.qwen3_next import SHIFTED_NORMS
 from qnext_mlx import convert as convert_cli
 from qnext_mlx.checkpoint import convert as cv
-from qnext_mlx.errors import CheckpointError, ConfigError, ConversionError, ModelNotFoundError
-from qnext_mlx.checkpoint.reader import read_safetensors_header, weight_files
-from qnext_mlx.model import Model
 from qnext_mlx.checkpoint.quant_recipes import make_recipe
+from qnext_mlx.checkpoint.reader import read_safetensors_header, weight_files
+from qnext_mlx.errors import CheckpointError, ConfigError, ConversionError, ModelNotFoundError
+from qnext_mlx.model import Model
+from qnext_mlx.model.qwen3_next import SHIFTED_NORMS
 
 torch = pytest.importorskip("torch")
 
@@ -158,8 +158,16 @@ def perplexity(model, seq: np.ndarray):
 
 
 # bits: (relative logit error, |perplexity change|). Measured on this checkpoint (float ppl 134.27 on
-# the sampled sequence): 8 bits 0.129 / -0.39, 4 bits 0.747 / +8.52 (group 32, default recipe).
-QUALITY_BOUNDS = {8: (0.25, 2.0), 4: (1.0, 15.0)}
+# the sampled sequence, group 32, default recipe): 8 bits 0.129 / -0.38, 4 bits 0.747 / +8.52. A broken
+# quantizer lands above these bounds (test_quality_bounds_catch_a_broken_quantizer): scales off by 10%
+# gives 1.10 / +24 at 8 bits and 1.14 / +30 at 4 bits; rows shifted by one 1.40 / +64; zero biases
+# 2.12 / +77. Bounds: the measured values with about 15% margin.
+QUALITY_BOUNDS = {8: (0.15, 1.0), 4: (0.86, 10.0)}
+
+
+def _quality(model, seq, ppl_float, ref):
+    ppl, logits = perplexity(model, seq)
+    return rel_err(ref, logits), ppl - ppl_float
 
 
 def test_quantized_logits_stay_close_to_float(src, float_model, converted):
@@ -174,15 +182,40 @@ def test_quantized_logits_stay_close_to_float(src, float_model, converted):
     ppl_float, ref = perplexity(float_model, seq)
     errs, dppl = {}, {}
     for bits in (8, 4):
-        ppl, logits = perplexity(qnext_mlx.load_model(converted(q_bits=bits, q_group_size=GS)), seq)
-        errs[bits], dppl[bits] = rel_err(ref, logits), ppl - ppl_float
-    print(f"\nfloat ppl {ppl_float:.3f}; " + "; ".join(
-        f"{b}-bit: relative logit error {errs[b]:.4f}, ppl {ppl_float + dppl[b]:.3f} ({dppl[b]:+.3f})" for b in (8, 4)))
+        model = qnext_mlx.load_model(converted(q_bits=bits, q_group_size=GS))
+        errs[bits], dppl[bits] = _quality(model, seq, ppl_float, ref)
+    print(
+        f"\nfloat ppl {ppl_float:.3f}; "
+        + "; ".join(
+            f"{b}-bit: relative logit error {errs[b]:.4f}, ppl {ppl_float + dppl[b]:.3f} ({dppl[b]:+.3f})"
+            for b in (8, 4)
+        )
+    )
     assert errs[8] < errs[4]
     assert abs(dppl[8]) < abs(dppl[4])
     for bits, (max_err, max_dppl) in QUALITY_BOUNDS.items():
         assert errs[bits] <= max_err
         assert abs(dppl[bits]) <= max_dppl
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("breakage", ["scales off by 10%", "rows shifted by one"])
+def test_quality_bounds_catch_a_broken_quantizer(src, float_model, converted, bits, breakage):
+    """The bounds above are tight enough to fail a conversion whose quantized tensors are wrong."""
+    seq = sample_sequence(float_model, 96)
+    ppl_float, ref = perplexity(float_model, seq)
+    model = qnext_mlx.load_model(converted(q_bits=bits, q_group_size=GS))
+    for _, module in model.named_modules():
+        if "scales" not in module:
+            continue
+        if breakage == "scales off by 10%":
+            module.scales = module.scales * 1.1
+        else:
+            for name in ("weight", "scales", "biases"):
+                setattr(module, name, mx.roll(module[name], 1, axis=-2))
+    err, dppl = _quality(model, seq, ppl_float, ref)
+    max_err, max_dppl = QUALITY_BOUNDS[bits]
+    assert err > max_err and abs(dppl) > max_dppl, (err, dppl)
 
 
 DEMO = ROOT / "qnext_mlx" / "demo_model"
@@ -216,9 +249,13 @@ def test_demo_model_quality(tmp_path):
         assert tok.encode(PASSAGE) == seq[0].tolist()
         ppl, logits = perplexity(quantized, seq)
         errs[bits], dppl[bits] = rel_err(ref, logits), ppl / ppl_float - 1
-    print(f"\ndemo model, {seq.shape[1]} tokens: float ppl {ppl_float:.3f}; " + "; ".join(
-        f"{b}-bit: relative logit error {errs[b]:.4f}, ppl {ppl_float * (1 + dppl[b]):.3f} ({100 * dppl[b]:+.2f}%)"
-        for b in (8, 4)))
+    print(
+        f"\ndemo model, {seq.shape[1]} tokens: float ppl {ppl_float:.3f}; "
+        + "; ".join(
+            f"{b}-bit: relative logit error {errs[b]:.4f}, ppl {ppl_float * (1 + dppl[b]):.3f} ({100 * dppl[b]:+.2f}%)"
+            for b in (8, 4)
+        )
+    )
     assert errs[8] < errs[4]
     for bits, (max_err, max_dppl) in DEMO_BOUNDS.items():
         assert errs[bits] <= max_err
@@ -265,9 +302,14 @@ def test_config_bits_match_the_tensors(converted, float_model, recipe):
     assert written["model.layers.3.self_attn.q_proj"] == high
     assert written["mtp.fc"] == high
     # conv1d, norms, A_log and dt_bias stay float
-    for name in ("model.layers.0.linear_attn.conv1d.weight", "model.layers.0.linear_attn.A_log",
-                 "model.layers.0.linear_attn.dt_bias", "model.norm.weight", "mtp.norm.weight"):
-        assert weights[name].dtype == mx.float32 and f"{name[:-len('.weight')]}.scales" not in weights
+    for name in (
+        "model.layers.0.linear_attn.conv1d.weight",
+        "model.layers.0.linear_attn.A_log",
+        "model.layers.0.linear_attn.dt_bias",
+        "model.norm.weight",
+        "mtp.norm.weight",
+    ):
+        assert weights[name].dtype == mx.float32 and f"{name[: -len('.weight')]}.scales" not in weights
     assert qnext_mlx.load_model(out)(mx.array(IDS)).shape == (2, 24, VOCAB)
 
 
@@ -362,8 +404,9 @@ def test_streamed_safetensors_match_mlx_and_the_safetensors_library(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"format": "mlx"}
         for k in names:
-            assert np.array_equal(f.get_tensor(k).float().numpy() if k == "bf16" else f.get_tensor(k).numpy(),
-                                  expected[k]), k
+            assert np.array_equal(
+                f.get_tensor(k).float().numpy() if k == "bf16" else f.get_tensor(k).numpy(), expected[k]
+            ), k
 
 
 def test_tokenizer_files_copied_and_load_reads_them(chat_model_dir, tmp_path):
@@ -388,7 +431,8 @@ def test_tokenizer_files_copied_and_load_reads_them(chat_model_dir, tmp_path):
     assert tokenizer.eos_token_ids == ref_tokenizer.eos_token_ids
     messages = [{"role": "user", "content": "hi"}]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == ref_tokenizer.apply_chat_template(
-        messages, tokenize=False)
+        messages, tokenize=False
+    )
     assert model(mx.array([tokenizer.encode(text)])).shape[-1] == 320
 
 
@@ -484,11 +528,14 @@ def test_output_must_not_hold_the_input(src, tmp_path):
 
 
 # -------------------------------------------------------------------- CLI
-@pytest.mark.parametrize("argv,needle", [
-    (["--hf-path", "x", "--q-bits", "7"], "invalid choice: 7"),
-    (["--hf-path", "x", "--q-group-size", "48"], "invalid choice: 48"),
-    (["--mlx-path", "y"], "--hf-path"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--hf-path", "x", "--q-bits", "7"], "invalid choice: 7"),
+        (["--hf-path", "x", "--q-group-size", "48"], "invalid choice: 48"),
+        (["--mlx-path", "y"], "--hf-path"),
+    ],
+)
 def test_cli_bad_flags_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         convert_cli.main(argv)
@@ -510,9 +557,24 @@ def test_cli_end_to_end_with_mlx_lm_spelling(src, tmp_path):
     """``python -m qnext_mlx.convert -q`` (mlx-lm's flag) quantizes to 4 bits; progress goes to stderr."""
     out = tmp_path / "q"
     proc = subprocess.run(
-        [sys.executable, "-m", "qnext_mlx.convert", "--hf-path", str(src), "--mlx-path", str(out),
-         "-q", "--q-group-size", str(GS), "--recipe", "mixed"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "qnext_mlx.convert",
+            "--hf-path",
+            str(src),
+            "--mlx-path",
+            str(out),
+            "-q",
+            "--q-group-size",
+            str(GS),
+            "--recipe",
+            "mixed",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""

@@ -12,8 +12,9 @@ from qnext_mlx.kernels.registry import kernel_status
 
 
 def test_doctor_json_lists_every_kernel():
-    out = subprocess.run([sys.executable, "-m", "qnext_mlx.doctor", "--json"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "qnext_mlx.doctor", "--json"], check=True, capture_output=True, text=True
+    ).stdout
     info = json.loads(out)
     assert info["mlx"] == mx.__version__
     assert set(info["kernels"]) == set(kernel_status())

@@ -42,9 +42,7 @@ def make_inputs(T, Hk, Hv, seed=0, with_state=False, dk=DK, dv=DV):
     """Realistic inputs: normalised q/k (q scaled), g = exp(-exp(A_log) softplus(a + dt_bias))."""
     mx.random.seed(seed)
     kq, kk, kv, ka, kb, kA, kdt, ks = mx.random.split(mx.random.key(seed), 8)
-    q, k = normalize_qk(
-        mx.random.normal((B, T, Hk, dk), key=kq), mx.random.normal((B, T, Hk, dk), key=kk)
-    )
+    q, k = normalize_qk(mx.random.normal((B, T, Hk, dk), key=kq), mx.random.normal((B, T, Hk, dk), key=kk))
     v = mx.random.normal((B, T, Hv, dv), key=kv)
     g, beta = compute_decay_beta(
         mx.random.normal((B, T, Hv), key=ka),
@@ -109,12 +107,8 @@ def test_split_sequence_continues_state():
     q, k, v, g, beta, state = make_inputs(100, 2, 4, seed=5, with_state=True)
     y, s = gated_delta_chunked(q, k, v, g, beta, state, chunk_size=32)
     cut = 37
-    ya, sa = gated_delta_chunked(
-        q[:, :cut], k[:, :cut], v[:, :cut], g[:, :cut], beta[:, :cut], state, chunk_size=32
-    )
-    yb, sb = gated_delta_chunked(
-        q[:, cut:], k[:, cut:], v[:, cut:], g[:, cut:], beta[:, cut:], sa, chunk_size=32
-    )
+    ya, sa = gated_delta_chunked(q[:, :cut], k[:, :cut], v[:, :cut], g[:, :cut], beta[:, :cut], state, chunk_size=32)
+    yb, sb = gated_delta_chunked(q[:, cut:], k[:, cut:], v[:, cut:], g[:, cut:], beta[:, cut:], sa, chunk_size=32)
     assert rel_err(mx.concatenate([ya, yb], axis=1), y) <= FP32_TOL
     assert rel_err(sb, s) <= FP32_TOL
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import qnext_mlx
-from qnext_mlx.errors import CheckpointError, ConfigError, ModelNotFoundError
 from qnext_mlx.checkpoint.reader import read_safetensors_header
+from qnext_mlx.errors import CheckpointError, ConfigError, ModelNotFoundError
 
 
 @pytest.fixture
@@ -143,10 +143,12 @@ def test_loading_is_lazy(ckpt):
     rng = np.random.default_rng(0)
     _rewrite_weights(
         ckpt,
-        lambda w: w.update({
-            "model.embed_tokens.weight": mx.array(rng.standard_normal((big * 16, 64), dtype=np.float32)),
-            "lm_head.weight": mx.array(rng.standard_normal((big * 16, 64), dtype=np.float32)),
-        }),
+        lambda w: w.update(
+            {
+                "model.embed_tokens.weight": mx.array(rng.standard_normal((big * 16, 64), dtype=np.float32)),
+                "lm_head.weight": mx.array(rng.standard_normal((big * 16, 64), dtype=np.float32)),
+            }
+        ),
     )
     _edit_config(ckpt, vocab_size=big * 16)
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))

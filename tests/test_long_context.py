@@ -3,8 +3,8 @@ memory against context length."""
 
 from __future__ import annotations
 
-import numpy as np
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import qnext_mlx

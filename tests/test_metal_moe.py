@@ -1,4 +1,4 @@
-"""The gather-MoE decode kernel (qnext_mlx/kernels/metal_src/moe_decode.metal) through the Metal shim.
+"""The gather-MoE decode kernel (metal/moe_decode.metal) through the Metal shim.
 
 1. The kernel body against the MLX reference (SwitchGLU / gather_qmm, weighted
    sum, shared expert: what SparseMoeBlock computes) and a float64 NumPy oracle,
@@ -34,8 +34,8 @@ pytestmark = pytest.mark.skipif(
 
 import metal_shim as ms  # noqa: E402
 
-from qnext_mlx.kernels import registry as km  # noqa: E402
 from qnext_mlx.kernels import metal_moe as mm  # noqa: E402
+from qnext_mlx.kernels import registry as km  # noqa: E402
 from qnext_mlx.kernels.moe import switch_glu_lanes  # noqa: E402
 
 H = 256
@@ -143,7 +143,9 @@ def test_kernel_repeated_experts_and_thread_order():
     assert set(ids[0]) == set(ids[2]) and len(set(ids[0]) & set(ids[1])) >= 5
     got = mm.run_moe_decode_kernel(ms.metal_kernel, block, x, inds, scores)
     for t in range(3):
-        one = mm.run_moe_decode_kernel(ms.metal_kernel, block, x[:, t:t + 1], inds[:, t:t + 1], scores[:, t:t + 1])
+        one = mm.run_moe_decode_kernel(
+            ms.metal_kernel, block, x[:, t : t + 1], inds[:, t : t + 1], scores[:, t : t + 1]
+        )
         assert mx.array_equal(one[:, 0], got[:, t]).item()
     for order in (1, 7):
         km.forget_kernel_decisions()
@@ -172,8 +174,10 @@ def test_spec_rejects_what_the_kernel_does_not_handle():
     assert mm.moe_decode(mixed, x, inds, scores, kernel_factory=lambda **kw: calls.append(kw)) is None
     long_x = mx.zeros((1, km.MAX_DECODE_T + 1, H))
     long_i = mx.zeros((1, km.MAX_DECODE_T + 1, 4), mx.uint32)
-    assert mm.moe_decode(block, long_x, long_i, long_i.astype(mx.float32),
-                         kernel_factory=lambda **kw: calls.append(kw)) is None
+    assert (
+        mm.moe_decode(block, long_x, long_i, long_i.astype(mx.float32), kernel_factory=lambda **kw: calls.append(kw))
+        is None
+    )
     assert not calls
 
 
@@ -186,12 +190,14 @@ def _fake_timer(kernel_us, reference_us, calls):
     def timer(fn, label):
         calls.append(label)
         return {"kernel": kernel_us, "reference": reference_us}[label]
+
     return timer
 
 
 def _on_fake_mac(factory=ms.metal_kernel):
-    return mock.patch.object(km, "metal_available", return_value=True), \
-        mock.patch.object(mx.fast, "metal_kernel", factory)
+    return mock.patch.object(km, "metal_available", return_value=True), mock.patch.object(
+        mx.fast, "metal_kernel", factory
+    )
 
 
 def test_selection_faster_kernel_is_used():
@@ -233,6 +239,7 @@ def test_selection_mismatch_falls_back_with_a_warning(caplog):
         def call(**c):
             (out,) = kernel(**c)
             return [out * 1.01]
+
         return call
 
     block, x, inds, scores = _problem(Q4, 4, mx.float32, 1, seed=3)
@@ -268,11 +275,20 @@ def _model_block(quant, k, dtype, seed):
     from qnext_mlx.model.config import ModelConfig
     from qnext_mlx.model.qwen3_next import SparseMoeBlock
 
-    cfg = ModelConfig.from_dict(dict(
-        vocab_size=64, hidden_size=H, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, num_experts=16, num_experts_per_tok=k, moe_intermediate_size=128,
-        shared_expert_intermediate_size=128,
-    ))
+    cfg = ModelConfig.from_dict(
+        dict(
+            vocab_size=64,
+            hidden_size=H,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            num_experts=16,
+            num_experts_per_tok=k,
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=128,
+        )
+    )
     mx.random.seed(seed)
     return mm.quantize_moe_block(SparseMoeBlock(cfg), quant, dtype)
 
@@ -292,8 +308,12 @@ def test_moe_block_on_a_metal_like_path_matches_cpu(dtype, T):
         return results[-1]
 
     avail, factory = _on_fake_mac()
-    with avail, factory, mock.patch.object(q3, "moe_decode", spy), \
-            mock.patch.object(mm, "time_us", _fake_timer(1.0, 2.0, [])):
+    with (
+        avail,
+        factory,
+        mock.patch.object(q3, "moe_decode", spy),
+        mock.patch.object(mm, "time_us", _fake_timer(1.0, 2.0, [])),
+    ):
         got = block(x)
     assert len(results) == 1 and results[0] is not None, "the kernel was not used"
     assert got.dtype == want.dtype and got.shape == want.shape

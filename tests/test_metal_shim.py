@@ -5,7 +5,7 @@
    conventions, and the error paths (deadlock, divergent collectives).
 2. mlx-lm's own gated-delta Metal kernels, unmodified, against its ops
    reference: checks that the shim reproduces MLX's generated signature.
-3. Our fused decode kernel (qnext_mlx/kernels/metal_src/gdn_decode.metal) against
+3. Our fused decode kernel (metal/gdn_decode.metal) against
    the model's MLX maths and a float64 NumPy oracle, plus the wrapper's
    verification / fallback / status logic.
 4. The chunked prefill kernel (gdn_prefill.metal) against the recurrent reference.
@@ -36,7 +36,6 @@ import metal_shim as ms  # noqa: E402
 from qnext_mlx.kernels import metal_gdn as km  # noqa: E402
 from qnext_mlx.kernels import registry as kreg  # noqa: E402
 
-
 # ---------------------------------------------------------------------------
 # 1. Shim self-tests
 # ---------------------------------------------------------------------------
@@ -56,8 +55,7 @@ def test_barrier_and_threadgroup_memory(order):
     # 100 threads in groups of 64: the last group is partial (36 threads), as
     # with Metal's non-uniform dispatchThreads.
     x = np.arange(100, dtype=np.float32)
-    y = ms.run_metal_body(REVERSE, {"x": x}, [("y", (100,), np.float32)], (100, 1, 1), (64, 1, 1),
-                          order=order)["y"]
+    y = ms.run_metal_body(REVERSE, {"x": x}, [("y", (100,), np.float32)], (100, 1, 1), (64, 1, 1), order=order)["y"]
     expect = np.concatenate([x[:64][::-1], x[64:][::-1]])
     np.testing.assert_array_equal(y, expect)
 
@@ -102,7 +100,7 @@ def test_simd_collectives_exact():
             assert out[i, 3] == vals[3]
             assert out[i, 4] == (vals[j + 1] if j + 1 < len(lanes) else vals[j])
             assert out[i, 5] == vals[:j].sum()
-            assert out[i, 6] == vals[(j // 4) * 4:(j // 4) * 4 + 4].sum()
+            assert out[i, 6] == vals[(j // 4) * 4 : (j // 4) * 4 + 4].sum()
             assert out[i, 7] == vals.sum() + (s0 // 32) * 1000
 
 
@@ -110,8 +108,13 @@ def test_simd_sum_uses_the_xor_butterfly_order():
     # float addition is not associative: 1e8 + 1 - 1e8 depends on the tree.
     x = np.zeros(32, np.float32)
     x[0], x[1], x[2] = 1e8, 1.0, -1e8
-    out = ms.run_metal_body("out[thread_position_in_grid.x] = simd_sum(x[thread_position_in_grid.x]);",
-                            {"x": x}, [("out", (32,), np.float32)], (32, 1, 1), (32, 1, 1))["out"]
+    out = ms.run_metal_body(
+        "out[thread_position_in_grid.x] = simd_sum(x[thread_position_in_grid.x]);",
+        {"x": x},
+        [("out", (32,), np.float32)],
+        (32, 1, 1),
+        (32, 1, 1),
+    )["out"]
     v = x.copy()
     for m in (1, 2, 4, 8, 16):
         v = v + v[np.arange(32) ^ m]
@@ -136,9 +139,12 @@ def test_signature_conventions_and_attributes():
     """
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     res = ms.run_metal_body(
-        src, {"a": a, "scale": 3},
+        src,
+        {"a": a, "scale": 3},
         [("out", (5 * 3,), "bfloat16"), ("info", (7,), np.int32), ("tg", (15 * 3,), np.int32)],
-        grid=(5, 3, 1), threadgroup=(4, 2, 1), template=[("N", 7), ("Flag", True), ("OutT", "bfloat16")],
+        grid=(5, 3, 1),
+        threadgroup=(4, 2, 1),
+        template=[("N", 7), ("Flag", True), ("OutT", "bfloat16")],
     )
     np.testing.assert_array_equal(res["info"], [2, 2, 3, 3, 3, 107, 2])
     np.testing.assert_array_equal(res["out"], (np.arange(15) % 6) * 3.0)
@@ -170,8 +176,9 @@ def test_outputs_are_poisoned_or_initialised():
     src = "if (thread_position_in_grid.x == 0) { y[0] = 1.0f; }"
     y = ms.run_metal_body(src, {"x": np.zeros(1, np.float32)}, [("y", (4,), np.float32)], (4, 1, 1), (4, 1, 1))["y"]
     assert y[0] == 1 and np.isnan(y[1:]).all()
-    y = ms.run_metal_body(src, {"x": np.zeros(1, np.float32)}, [("y", (4,), np.float32)], (4, 1, 1), (4, 1, 1),
-                          init_value=2.0)["y"]
+    y = ms.run_metal_body(
+        src, {"x": np.zeros(1, np.float32)}, [("y", (4,), np.float32)], (4, 1, 1), (4, 1, 1), init_value=2.0
+    )["y"]
     np.testing.assert_array_equal(y, [1, 2, 2, 2])
 
 
@@ -191,8 +198,9 @@ def test_deadlock_and_divergence_are_errors():
     with pytest.raises(ms.ShimError, match="divergent"):
         ms.run_metal_body(divergent, {"x": np.zeros(1, np.float32)}, [("y", (32,), np.float32)], (32, 1, 1), (32, 1, 1))
     with pytest.raises(ms.ShimError, match="compilation failed"):
-        ms.run_metal_body("y[0] = undefined_name;", {"x": np.zeros(1, np.float32)}, [("y", (1,), np.float32)],
-                          (1, 1, 1), (1, 1, 1))
+        ms.run_metal_body(
+            "y[0] = undefined_name;", {"x": np.zeros(1, np.float32)}, [("y", (1,), np.float32)], (1, 1, 1), (1, 1, 1)
+        )
 
 
 def test_early_return_lanes_leave_collectives():
@@ -203,8 +211,9 @@ def test_early_return_lanes_leave_collectives():
         threadgroup_barrier(mem_flags::mem_threadgroup);
         y[l] = simd_sum(1.0f);
     """
-    y = ms.run_metal_body(src, {"x": np.zeros(1, np.float32)}, [("y", (32,), np.float32)], (32, 1, 1), (32, 1, 1),
-                          init_value=-1.0)["y"]
+    y = ms.run_metal_body(
+        src, {"x": np.zeros(1, np.float32)}, [("y", (32,), np.float32)], (32, 1, 1), (32, 1, 1), init_value=-1.0
+    )["y"]
     np.testing.assert_array_equal(y, [20.0] * 20 + [-1.0] * 12)
 
 
@@ -233,14 +242,18 @@ def test_simdgroup_matrix_ops_exact():
     rng = np.random.default_rng(0)
     A = rng.integers(-4, 5, (16, 8)).astype(np.float32)
     B = rng.integers(-4, 5, (8, 16)).astype(np.float32)
-    r = ms.run_metal_body(MMA, {"A": A, "B": B},
-                          [("C", (16, 16), np.float32), ("D", (16, 16), np.float32), ("E", (8, 8), np.float32)],
-                          (32, 2, 1), (32, 2, 1))
+    r = ms.run_metal_body(
+        MMA,
+        {"A": A, "B": B},
+        [("C", (16, 16), np.float32), ("D", (16, 16), np.float32), ("E", (8, 8), np.float32)],
+        (32, 2, 1),
+        (32, 2, 1),
+    )
     np.testing.assert_array_equal(r["C"], A @ B + np.tile(np.eye(8, dtype=np.float32), (2, 2)))
     expect_d = np.zeros((16, 16), np.float32)
     for sg in range(2):
         for j in range(2):
-            expect_d[sg * 8:sg * 8 + 8, j * 8:j * 8 + 8] = (A[sg * 8:sg * 8 + 8] @ B[:, j * 8:j * 8 + 8].T).T
+            expect_d[sg * 8 : sg * 8 + 8, j * 8 : j * 8 + 8] = (A[sg * 8 : sg * 8 + 8] @ B[:, j * 8 : j * 8 + 8].T).T
     np.testing.assert_array_equal(r["D"], expect_d)
     assert (r["E"] == 2).all()
 
@@ -255,8 +268,10 @@ def _mlx_lm_kernels():
 
     # The factories return None without Metal; pretend it is there and hand
     # them the shim's metal_kernel, so their exact sources are captured.
-    with mock.patch.object(mx.metal, "is_available", return_value=True), \
-            mock.patch.object(mx.fast, "metal_kernel", ms.metal_kernel):
+    with (
+        mock.patch.object(mx.metal, "is_available", return_value=True),
+        mock.patch.object(mx.fast, "metal_kernel", ms.metal_kernel),
+    ):
         kernels = {
             "_gated_delta_kernel": gd._make_gated_delta_kernel(has_mask=False, vectorized=False),
             "_gated_delta_kernel_masked": gd._make_gated_delta_kernel(has_mask=True, vectorized=False),
@@ -348,13 +363,13 @@ def _numpy_oracle(args, Hk, Dk, Dv, dtype):
     K = w.shape[1]
     Hv = a.shape[-1]
     conv_in = np.concatenate([cs, x], axis=1)
-    conv = sum(w[None, None, :, j, 0] * conv_in[:, j:j + T] for j in range(K))
+    conv = sum(w[None, None, :, j, 0] * conv_in[:, j : j + T] for j in range(K))
     conv = _round16(conv, dtype).astype(np.float64)
     act = _round16(conv / (1 + np.exp(-conv)), dtype).astype(np.float64)
-    q = act[..., :Hk * Dk].reshape(B, T, Hk, Dk)
-    k = act[..., Hk * Dk:2 * Hk * Dk].reshape(B, T, Hk, Dk)
-    v = act[..., 2 * Hk * Dk:].reshape(B, T, Hv, Dv)
-    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) * Dk ** -0.5
+    q = act[..., : Hk * Dk].reshape(B, T, Hk, Dk)
+    k = act[..., Hk * Dk : 2 * Hk * Dk].reshape(B, T, Hk, Dk)
+    v = act[..., 2 * Hk * Dk :].reshape(B, T, Hv, Dv)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) * Dk**-0.5
     k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
     rep = Hv // Hk
     q, k = np.repeat(q, rep, axis=2), np.repeat(k, rep, axis=2)
@@ -367,7 +382,7 @@ def _numpy_oracle(args, Hk, Dk, Dv, dtype):
         state = state + ((v[:, t] - kv) * beta[:, t, :, None])[..., None] * k[:, t, :, None, :]
         ys.append((state * q[:, t, :, None, :]).sum(-1))
         states.append(state)
-    return np.stack(ys, 1), conv_in[:, -(K - 1):], state, np.stack(states, 1)
+    return np.stack(ys, 1), conv_in[:, -(K - 1) :], state, np.stack(states, 1)
 
 
 def _run_both(args, kw, save):
@@ -391,9 +406,9 @@ def _filled(args, kw):
 @pytest.mark.parametrize(
     "B,T,Hk,Hv,Dk,Dv",
     [
-        (2, 1, 2, 2, 32, 32),   # head ratio 1, single token
-        (2, 3, 2, 4, 32, 32),   # ratio 2, T not a power of two (threadgroup arrays sized 4)
-        (1, 4, 1, 2, 64, 16),   # Dv < 32: 4 simdgroups per threadgroup
+        (2, 1, 2, 2, 32, 32),  # head ratio 1, single token
+        (2, 3, 2, 4, 32, 32),  # ratio 2, T not a power of two (threadgroup arrays sized 4)
+        (1, 4, 1, 2, 64, 16),  # Dv < 32: 4 simdgroups per threadgroup
         (1, 2, 2, 4, 128, 128),  # the model's per-head sizes, 4 row blocks per head
     ],
 )
@@ -414,7 +429,7 @@ def test_decode_kernel_real_layer_shapes():
     args, kw = _decode_problem(1, 2, 16, 32, 128, 128, mx.bfloat16, seed=3)
     got, ref = _run_both(args, kw, save=False)
     oracle = _numpy_oracle(args, 16, 128, 128, mx.bfloat16)
-    assert _rel(got[0], oracle[0]) < 8e-3   # y is bf16: within one bf16 rounding
+    assert _rel(got[0], oracle[0]) < 8e-3  # y is bf16: within one bf16 rounding
     assert _rel(got[2], oracle[2]) < 1e-5
     assert mx.array_equal(got[1], ref[1]).item()
     assert _rel(got[0], ref[0]) < 3e-2 and _rel(got[2], ref[2]) < 3e-2
@@ -444,13 +459,28 @@ def test_decode_kernel_drops_into_the_model_layer():
     from qnext_mlx.model.config import ModelConfig
     from qnext_mlx.model.qwen3_next import GatedDeltaNet
 
-    cfg = ModelConfig.from_dict(dict(
-        model_type="qwen3_next", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_value_heads=4,
-        linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-        rms_norm_eps=1e-6,
-    ))
+    cfg = ModelConfig.from_dict(
+        dict(
+            model_type="qwen3_next",
+            vocab_size=64,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+            linear_conv_kernel_dim=4,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            rms_norm_eps=1e-6,
+        )
+    )
     layer = GatedDeltaNet(cfg)
     mx.random.seed(0)
     layer.update(tree_map(lambda p: 0.3 * mx.random.normal(p.shape), layer.parameters()))
@@ -464,9 +494,19 @@ def test_decode_kernel_drops_into_the_model_layer():
 
     q, k, v, z, b, a = layer._split_projections(layer.in_proj_qkvz(x), layer.in_proj_ba(x))
     y, new_conv, new_state = km.gated_delta_decode(
-        mx.concatenate([q, k, v], axis=-1), layer.conv1d.weight, conv_state, a, b, layer.A_log, layer.dt_bias,
-        state, num_k_heads=layer.num_k_heads, head_k_dim=layer.head_k_dim, head_v_dim=layer.head_v_dim,
-        kernel_factory=ms.metal_kernel)
+        mx.concatenate([q, k, v], axis=-1),
+        layer.conv1d.weight,
+        conv_state,
+        a,
+        b,
+        layer.A_log,
+        layer.dt_bias,
+        state,
+        num_k_heads=layer.num_k_heads,
+        head_k_dim=layer.head_k_dim,
+        head_v_dim=layer.head_v_dim,
+        kernel_factory=ms.metal_kernel,
+    )
     got = layer.out_proj(layer.norm(y.astype(x.dtype), z).reshape(B, L, -1))
     assert _rel(got, expect) < 2e-6
     assert mx.array_equal(new_conv, cache[0]).item()
@@ -510,13 +550,16 @@ def test_first_use_verification_and_fallback(caplog):
         def call(**c):
             y, *rest = kernel(**c)
             return [y + 1.0, *rest]
+
         return call
 
     kreg.forget_kernel_decisions()
     try:
         # A "Mac" whose Metal kernel is right: verified once, then used.
-        with mock.patch.object(kreg, "metal_available", return_value=True), \
-                mock.patch.object(mx.fast, "metal_kernel", ms.metal_kernel):
+        with (
+            mock.patch.object(kreg, "metal_available", return_value=True),
+            mock.patch.object(mx.fast, "metal_kernel", ms.metal_kernel),
+        ):
             assert kreg.kernel_status()["gdn_decode"]["status"] == "unverified"
             out = km.gated_delta_decode(*args, **kw)
             st = kreg.kernel_status()["gdn_decode"]
@@ -528,9 +571,11 @@ def test_first_use_verification_and_fallback(caplog):
             assert _rel(o, r) < 2e-6
         # A "Mac" whose kernel is wrong: warning, reference results, status "fallback".
         kreg.forget_kernel_decisions()
-        with mock.patch.object(kreg, "metal_available", return_value=True), \
-                mock.patch.object(mx.fast, "metal_kernel", broken_factory), \
-                caplog.at_level(logging.WARNING, logger=kreg.__name__):
+        with (
+            mock.patch.object(kreg, "metal_available", return_value=True),
+            mock.patch.object(mx.fast, "metal_kernel", broken_factory),
+            caplog.at_level(logging.WARNING, logger=kreg.__name__),
+        ):
             out = km.gated_delta_decode(*args, **kw)
             assert kreg.kernel_status()["gdn_decode"]["status"] == "fallback"
         assert "disagrees with the reference" in caplog.text
@@ -555,18 +600,22 @@ def _prefill_problem(B, T, Hk, Hv, Dk, Dv, dtype, g_low=0.7, seed=0):
 
     ks = mx.random.split(mx.random.key(seed), 6)
     q, k = normalize_qk(mx.random.normal((B, T, Hk, Dk), key=ks[0]), mx.random.normal((B, T, Hk, Dk), key=ks[1]))
-    return [q, k, mx.random.normal((B, T, Hv, Dv), key=ks[2]).astype(dtype),
-            mx.random.uniform(g_low, 1.0, (B, T, Hv), key=ks[3]),
-            mx.random.uniform(0.0, 1.0, (B, T, Hv), key=ks[4]),
-            0.1 * mx.random.normal((B, Hv, Dv, Dk), key=ks[5])]
+    return [
+        q,
+        k,
+        mx.random.normal((B, T, Hv, Dv), key=ks[2]).astype(dtype),
+        mx.random.uniform(g_low, 1.0, (B, T, Hv), key=ks[3]),
+        mx.random.uniform(0.0, 1.0, (B, T, Hv), key=ks[4]),
+        0.1 * mx.random.normal((B, Hv, Dv, Dk), key=ks[5]),
+    ]
 
 
 @pytest.mark.parametrize(
     "B,T,Hk,Hv,Dk,Dv,g_low",
     [
-        (2, 1, 2, 4, 32, 32, 0.7),     # one token, head ratio 2
-        (2, 16, 2, 2, 32, 32, 0.7),    # exactly one chunk, ratio 1
-        (1, 33, 1, 1, 32, 8, 0.0),     # partial chunk, Dv = 8 (one simdgroup), decay down to 0
+        (2, 1, 2, 4, 32, 32, 0.7),  # one token, head ratio 2
+        (2, 16, 2, 2, 32, 32, 0.7),  # exactly one chunk, ratio 1
+        (1, 33, 1, 1, 32, 8, 0.0),  # partial chunk, Dv = 8 (one simdgroup), decay down to 0
         (1, 37, 1, 2, 128, 128, 0.7),  # the model's head sizes, 4 column slices per head
     ],
 )

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from qnext_mlx.model.config import ModelConfig
 from qnext_mlx.kernels import lanes as klanes
 from qnext_mlx.kernels import linear as klinear
 from qnext_mlx.kernels import moe as kmoe
 from qnext_mlx.model import Model
+from qnext_mlx.model.config import ModelConfig
 from qnext_mlx.model.qwen3_next import SparseMoeBlock
 
 H, I, E, K = 128, 64, 8, 2
@@ -87,11 +87,20 @@ def test_grouped_uneven_and_single_expert():
 
 
 def _block(bits=None) -> SparseMoeBlock:
-    cfg = ModelConfig.from_dict(dict(
-        vocab_size=64, hidden_size=H, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I,
-        shared_expert_intermediate_size=128,
-    ))
+    cfg = ModelConfig.from_dict(
+        dict(
+            vocab_size=64,
+            hidden_size=H,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            num_experts=E,
+            num_experts_per_tok=K,
+            moe_intermediate_size=I,
+            shared_expert_intermediate_size=128,
+        )
+    )
     mx.random.seed(7)
     block = SparseMoeBlock(cfg)
     # A sharper router than the default init so that routing differs per token.
@@ -171,15 +180,30 @@ def test_fast_linear_layers_match_mlx(monkeypatch):
 
 
 def test_use_fast_linears_on_model_keeps_logits():
-    cfg = ModelConfig.from_dict(dict(
-        vocab_size=96, hidden_size=64, num_hidden_layers=2, full_attention_interval=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=4,
-        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-    ))
+    cfg = ModelConfig.from_dict(
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            num_hidden_layers=2,
+            full_attention_interval=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        )
+    )
     mx.random.seed(14)
     model = Model(cfg)
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and "conv" not in p)
+    nn.quantize(
+        model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and "conv" not in p
+    )
     mx.eval(model.parameters())
     ids = mx.random.randint(0, 96, (1, 40), key=mx.random.key(15))
     want = model(ids)

@@ -18,11 +18,17 @@ CONFIGS = {
     # value/key head ratio 2, renormalised top-k, untied head
     "ratio2": dict(),
     # ratio 1, no renormalisation, tied embeddings
-    "ratio1_tied": dict(linear_num_value_heads=2, linear_num_key_heads=2, norm_topk_prob=False,
-                        tie_word_embeddings=True),
+    "ratio1_tied": dict(
+        linear_num_value_heads=2, linear_num_key_heads=2, norm_topk_prob=False, tie_word_embeddings=True
+    ),
     # ratio 4, a dense mlp_only layer, a different full-attention pattern, 6 layers
-    "ratio4_dense": dict(linear_num_value_heads=8, linear_num_key_heads=2, mlp_only_layers=[1],
-                         num_hidden_layers=6, layer_types=["linear_attention", "full_attention"] * 3),
+    "ratio4_dense": dict(
+        linear_num_value_heads=8,
+        linear_num_key_heads=2,
+        mlp_only_layers=[1],
+        num_hidden_layers=6,
+        layer_types=["linear_attention", "full_attention"] * 3,
+    ),
     # MoE only every 2nd layer (decoder_sparse_step), the others dense
     "sparse_step2": dict(decoder_sparse_step=2),
 }
@@ -166,8 +172,10 @@ def test_trained_bf16_demo_model_matches_transformers():
     (mlx-lm's way moves these logits by up to 0.4)."""
     from transformers import AutoTokenizer, Qwen3NextForCausalLM
 
-    text = ("In the beginning God created the heaven and the earth. And the earth was without form, "
-            "and void; and darkness was upon the face of the deep.")
+    text = (
+        "In the beginning God created the heaven and the earth. And the earth was without form, "
+        "and void; and darkness was upon the face of the deep."
+    )
     ids = AutoTokenizer.from_pretrained(DEMO).encode(text)
     tmodel = Qwen3NextForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
     ours = qnext_mlx.load_model(DEMO, dtype=mx.float32)

@@ -18,13 +18,35 @@ GiB = 2**30
 
 # The published Qwen3-Next-80B-A3B config.json (the keys that size it).
 PUBLISHED_80B = dict(
-    architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", vocab_size=151936, hidden_size=2048,
-    intermediate_size=5120, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
-    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
-    linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
-    shared_expert_intermediate_size=512, decoder_sparse_step=1, norm_topk_prob=True, mlp_only_layers=[],
-    full_attention_interval=4, rope_theta=10000000, partial_rotary_factor=0.25, rope_scaling=None,
-    max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+    architectures=["Qwen3NextForCausalLM"],
+    model_type="qwen3_next",
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=5120,
+    num_hidden_layers=48,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+    num_experts=512,
+    num_experts_per_tok=10,
+    moe_intermediate_size=512,
+    shared_expert_intermediate_size=512,
+    decoder_sparse_step=1,
+    norm_topk_prob=True,
+    mlp_only_layers=[],
+    full_attention_interval=4,
+    rope_theta=10000000,
+    partial_rotary_factor=0.25,
+    rope_scaling=None,
+    max_position_embeddings=262144,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    attention_bias=False,
     torch_dtype="bfloat16",
 )
 
@@ -66,8 +88,17 @@ def test_published_deltanet_state_and_parameters(cfg80):
 
 @pytest.mark.parametrize("kv_bits", [None, 4, 8])
 def test_kv_formula_matches_mlx_lm_caches(kv_bits):
-    cfg = ModelConfig.from_dict(dict(model_type="qwen3_next", vocab_size=160, hidden_size=64, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=256))
+    cfg = ModelConfig.from_dict(
+        dict(
+            model_type="qwen3_next",
+            vocab_size=160,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=256,
+        )
+    )
     cache = KVCache() if kv_bits is None else QuantizedKVCache(group_size=64, bits=kv_bits)
     k = mx.zeros((1, 2, 300, 256), dtype=mx.bfloat16)
     cache.update_and_fetch(k, k)
@@ -95,13 +126,28 @@ def test_peak_memory_model_matches_measurement(kv_bits):
     """Prefill through the cache in chunks on this backend; the planner's total within 20% of MLX's peak."""
     from qnext_mlx.model import Model
 
-    cfg = ModelConfig.from_dict(dict(
-        model_type="qwen3_next", vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8,
-        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-        # attention first, so its scores are computed (the last layer's output is never evaluated in prefill)
-        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]))
+    cfg = ModelConfig.from_dict(
+        dict(
+            model_type="qwen3_next",
+            vocab_size=160,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=256,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            # attention first, so its scores are computed (the last layer's output is never evaluated in prefill)
+            layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        )
+    )
     model = Model(cfg)
     mx.eval(model.parameters())
     weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
@@ -118,8 +164,12 @@ def test_peak_memory_model_matches_measurement(kv_bits):
     measured = mx.get_peak_memory() - base
     cpu = not mx.metal.is_available()
     acts = P.activation_bytes(cfg, T, C, dtype_bytes=4, kv_bits=kv_bits, expert_dtype_bytes=4, cpu_backend=cpu)
-    predicted = (P.estimate_weight_bytes(cfg, dtype_bytes=4)[0] + P.kv_cache_bytes(cfg, T, kv_bits, 4)
-                 + P.deltanet_state_bytes(cfg, 4) + acts["peak"])
+    predicted = (
+        P.estimate_weight_bytes(cfg, dtype_bytes=4)[0]
+        + P.kv_cache_bytes(cfg, T, kv_bits, 4)
+        + P.deltanet_state_bytes(cfg, 4)
+        + acts["peak"]
+    )
     if cpu and kv_bits is None:  # blocked causal attention (kernels/attention.py), a block per lane in flight
         from qnext_mlx.kernels.attention import PREFILL_BLOCK
         from qnext_mlx.kernels.linear import cpu_lanes
@@ -138,8 +188,10 @@ def _plan_json(capsys, argv):
 
 
 def test_cli_published_80b_at_1m(config_file, capsys):
-    out = _plan_json(capsys, ["--model", str(config_file), "--context", "1M", "--q-bits", "4",
-                              "--backend", "metal", "--budget-gib", "1000"])
+    out = _plan_json(
+        capsys,
+        ["--model", str(config_file), "--context", "1M", "--q-bits", "4", "--backend", "metal", "--budget-gib", "1000"],
+    )
     assert out["kv_cache"] == 24 * GiB and out["kv_bytes_per_token"] == 24576
     assert out["rope"]["needed_factor"] == 4.0 and "--max-context 1048576" in out["rope"]["advice"]
     assert 41 * GiB < out["weights"] < 43 * GiB and out["weights_source"].startswith("estimated")
@@ -164,8 +216,24 @@ def test_cli_suggests_a_prefill_chunk_that_fits(config_file, capsys):
 
 
 def test_cli_256k_quantized_kv_and_mtp(config_file, capsys):
-    out = _plan_json(capsys, ["--model", str(config_file), "--context", "256K", "--q-bits", "4", "--kv-bits", "4",
-                              "--mtp", "--backend", "metal", "--budget-gib", "1000"])
+    out = _plan_json(
+        capsys,
+        [
+            "--model",
+            str(config_file),
+            "--context",
+            "256K",
+            "--q-bits",
+            "4",
+            "--kv-bits",
+            "4",
+            "--mtp",
+            "--backend",
+            "metal",
+            "--budget-gib",
+            "1000",
+        ],
+    )
     assert out["kv_cache"] == 262144 * 6912 and out["mtp_kv_cache"] == 262144 * 6912 // 12
     assert out["rope"]["advice"].startswith("within the native window")
 
@@ -179,7 +247,9 @@ def test_cli_reads_a_checkpoint_folder(hf_checkpoint, capsys):
 
 
 def test_cli_yarn_config_covers_the_context(tmp_path, capsys):
-    cfg = dict(PUBLISHED_80B, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144})
+    cfg = dict(
+        PUBLISHED_80B, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}
+    )
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     out = _plan_json(capsys, ["--model", str(tmp_path), "--context", "1000000", "--q-bits", "4"])
     assert out["rope"]["configured_window"] == 1 << 20 and "needed_factor" not in out["rope"]
@@ -192,12 +262,15 @@ def test_machine_memory_reports_a_rule():
         assert m["budget"] == m["total_ram"] and "total RAM" in m["rule"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model", "/no/such/folder", "--context", "1000"], "does not exist"),
-    (["--context", "1000"], "--model"),
-    (["--model", ".", "--context", "lots"], "--context"),
-    (["--model", ".", "--context", "1000", "--kv-bits", "3"], "--kv-bits"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "/no/such/folder", "--context", "1000"], "does not exist"),
+        (["--context", "1000"], "--model"),
+        (["--model", ".", "--context", "lots"], "--context"),
+        (["--model", ".", "--context", "1000", "--kv-bits", "3"], "--kv-bits"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert plan_cli.main(argv) == 2
     err = capsys.readouterr().err

@@ -22,8 +22,8 @@ import pytest
 
 import qnext_mlx
 from qnext_mlx import app, chat, convert, plan, server
-from qnext_mlx.serve.chat_session import load_chat_engine
 from qnext_mlx.errors import QnextError
+from qnext_mlx.serve.chat_session import load_chat_engine
 
 # qnext_mlx.generate is the Python API's function (as in mlx-lm); the command's module is reached by name.
 generate = importlib.import_module("qnext_mlx.generate")
@@ -32,11 +32,18 @@ torch = pytest.importorskip("torch")
 
 ORIG = 64
 TOL = 1e-4
-YARN = dict(rope_type="yarn", rope_theta=10000.0, partial_rotary_factor=0.25, factor=4.0,
-            original_max_position_embeddings=ORIG)
+YARN = dict(
+    rope_type="yarn", rope_theta=10000.0, partial_rotary_factor=0.25, factor=4.0, original_max_position_embeddings=ORIG
+)
 PLAIN = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
-PARSERS = {"generate": generate.build_parser, "plan": plan.build_parser, "chat": chat.build_parser,
-           "server": server.build_parser, "app": app.build_parser, "convert": convert.build_parser}
+PARSERS = {
+    "generate": generate.build_parser,
+    "plan": plan.build_parser,
+    "chat": chat.build_parser,
+    "server": server.build_parser,
+    "app": app.build_parser,
+    "convert": convert.build_parser,
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,9 @@ def reference(hf_checkpoint, tmp_path_factory):
     and a 64-token ``max_position_embeddings``, so only the options can stretch it."""
     from tokenizer_fixture import write_tokenizer
 
-    path, tmodel, _ = hf_checkpoint("yarn", seed=3, head_dim=64, max_position_embeddings=4 * ORIG,
-                                    rope_parameters=dict(YARN))
+    path, tmodel, _ = hf_checkpoint(
+        "yarn", seed=3, head_dim=64, max_position_embeddings=4 * ORIG, rope_parameters=dict(YARN)
+    )
     ids = np.random.default_rng(5).integers(0, 160, size=(1, 150))
     with torch.no_grad():
         ref = tmodel(torch.tensor(ids)).logits.float().numpy()
@@ -64,8 +72,11 @@ def _max_abs(a, b) -> float:
 
 
 def _args(entry: str, argv):
-    extra = {"convert": ["--hf-path", "x"], "plan": ["--model", "x", "--context", "1K"],
-             "generate": ["--prompt", "x"]}.get(entry, [])
+    extra = {
+        "convert": ["--hf-path", "x"],
+        "plan": ["--model", "x", "--context", "1K"],
+        "generate": ["--prompt", "x"],
+    }.get(entry, [])
     return PARSERS[entry]().parse_args(extra + list(argv))
 
 
@@ -75,8 +86,12 @@ def test_every_entry_point_takes_the_long_context_options(entry, capsys):
     assert (a.max_context, a.original_max_position_embeddings) == (1 << 20, 262144)
     a = _args(entry, ["--rope-scaling", "yarn", "--rope-factor", "2.5"])
     assert (a.rope_scaling, a.rope_factor) == ("yarn", 2.5)
-    for bad in (["--rope-factor", "0.5"], ["--max-context", "0"], ["--rope-scaling", "ntk"],
-                ["--rope-factor", "2", "--max-context", "1M"]):
+    for bad in (
+        ["--rope-factor", "0.5"],
+        ["--max-context", "0"],
+        ["--rope-scaling", "ntk"],
+        ["--rope-factor", "2", "--max-context", "1M"],
+    ):
         if entry == "plan":  # plan's parser raises, and its main prints the one line
             with pytest.raises(QnextError):
                 _args(entry, bad)
@@ -88,10 +103,13 @@ def test_every_entry_point_takes_the_long_context_options(entry, capsys):
         assert "error: argument" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv,limit", [
-    (["--max-context", "250"], 250),  # 250 / 64 -> factor 4; the conversation limit is 250
-    (["--rope-scaling", "yarn", "--rope-factor", "4"], 4 * ORIG),  # limit: the YaRN window
-])
+@pytest.mark.parametrize(
+    "argv,limit",
+    [
+        (["--max-context", "250"], 250),  # 250 / 64 -> factor 4; the conversation limit is 250
+        (["--rope-scaling", "yarn", "--rope-factor", "4"], 4 * ORIG),  # limit: the YaRN window
+    ],
+)
 def test_chat_engine_applies_the_options_and_matches_transformers(reference, argv, limit, capsys):
     plain, ids, ref = reference
     args = _args("chat", argv + ["--original-max-position-embeddings", str(ORIG)])
@@ -111,9 +129,25 @@ def test_chat_engine_without_options_keeps_the_native_window(reference):
 
 def test_server_cli_reports_the_stretched_window(reference):
     plain, _, _ = reference
-    proc = subprocess.Popen([sys.executable, "-m", "qnext_mlx.server", "--model", str(plain), "--port", "0",
-                             "--log-level", "warning", "--max-context", "200",
-                             "--original-max-position-embeddings", str(ORIG)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qnext_mlx.server",
+            "--model",
+            str(plain),
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--max-context",
+            "200",
+            "--original-max-position-embeddings",
+            str(ORIG),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url, lines = None, []
         for line in proc.stderr:
@@ -137,8 +171,22 @@ def test_server_cli_reports_the_stretched_window(reference):
 def test_convert_writes_the_options_into_config(reference, tmp_path):
     plain, ids, ref = reference
     out = tmp_path / "yarn_mlx"
-    assert convert.main(["--hf-path", str(plain), "--mlx-path", str(out), "--quiet",
-                         "--rope-factor", "4", "--original-max-position-embeddings", str(ORIG)]) == 0
+    assert (
+        convert.main(
+            [
+                "--hf-path",
+                str(plain),
+                "--mlx-path",
+                str(out),
+                "--quiet",
+                "--rope-factor",
+                "4",
+                "--original-max-position-embeddings",
+                str(ORIG),
+            ]
+        )
+        == 0
+    )
     raw = json.loads((out / "config.json").read_text())
     want = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=ORIG)
     assert raw["rope_scaling"] == want  # the key mlx-lm reads
@@ -149,8 +197,20 @@ def test_convert_writes_the_options_into_config(reference, tmp_path):
 
     # and back off: --rope-scaling none on the YaRN conversion gives plain RoPE again
     back = tmp_path / "plain_again"
-    assert convert.main(["--hf-path", str(_as_hf(out, plain, tmp_path)), "--mlx-path", str(back), "--quiet",
-                         "--rope-scaling", "none"]) == 0
+    assert (
+        convert.main(
+            [
+                "--hf-path",
+                str(_as_hf(out, plain, tmp_path)),
+                "--mlx-path",
+                str(back),
+                "--quiet",
+                "--rope-scaling",
+                "none",
+            ]
+        )
+        == 0
+    )
     raw = json.loads((back / "config.json").read_text())
     assert raw["rope_scaling"] is None and raw["rope_parameters"]["rope_type"] == "default"
     assert qnext_mlx.load_model(back).config.rope_scaling is None
@@ -167,8 +227,12 @@ def _as_hf(converted, plain, tmp_path):
 def test_convert_rejects_contradictory_options_cleanly(reference, tmp_path, capsys):
     plain, _, _ = reference
     out = tmp_path / "never"
-    assert convert.main(["--hf-path", str(plain), "--mlx-path", str(out), "--quiet",
-                         "--rope-scaling", "none", "--rope-factor", "2"]) == 2
+    assert (
+        convert.main(
+            ["--hf-path", str(plain), "--mlx-path", str(out), "--quiet", "--rope-scaling", "none", "--rope-factor", "2"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--rope-scaling none" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".never.*"))

@@ -14,10 +14,9 @@ import io
 import math
 from contextlib import redirect_stderr, redirect_stdout
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache
 from mlx_lm.sample_utils import make_sampler
 
@@ -199,8 +198,15 @@ def test_logprobs_equal_plain(tiny):
     prompt = prompt_of(tiny, 12, seed=4)
     plain = list(generate_tokens(tiny, tiny.make_cache(), prompt, max_tokens=40))
     ref = [t for t, _ in plain]
-    spec = list(generate_tokens(OracleDrafts(tiny, prompt + ref, wrong_every(3)), tiny.make_cache(), prompt,
-                                max_tokens=40, mtp=MTPDecoding(num_draft_tokens=2)))
+    spec = list(
+        generate_tokens(
+            OracleDrafts(tiny, prompt + ref, wrong_every(3)),
+            tiny.make_cache(),
+            prompt,
+            max_tokens=40,
+            mtp=MTPDecoding(num_draft_tokens=2),
+        )
+    )
     for (t, lp), (u, lq) in zip(plain, spec):
         assert t == u and mx.array_equal(lp, lq).item()
 
@@ -332,8 +338,9 @@ def chi_square_p(observed, expected):
     o, e = np.array(o), np.array(e)
     stat = ((o - e) ** 2 / e).sum()
     df = len(o) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    )
 
 
 SETTINGS = [
@@ -522,8 +529,9 @@ def test_demo_model_greedy_identical(k):
     """300 tokens of the trained demo model (its drafts are mostly right), prompt in chunks of 8."""
     model, tokenizer = qnext_mlx.load(DEMO)
     assert model.has_mtp
-    ids = tokenizer.encode(format_prompt(tokenizer, "Tell me a story about a robot who learns to paint."),
-                           add_special_tokens=False)
+    ids = tokenizer.encode(
+        format_prompt(tokenizer, "Tell me a story about a robot who learns to paint."), add_special_tokens=False
+    )
     ref, ref_cache = plain_tokens(model, ids, 300, prefill_step_size=8)
     out, cache, stats = mtp_tokens(model, ids, 300, k, prefill_step_size=8)
     assert out == ref

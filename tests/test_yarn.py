@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import qnext_mlx
-from qnext_mlx.model.config import ModelConfig
-from qnext_mlx.errors import ConfigError
 from qnext_mlx.cli import add_rope_arguments, apply_rope_arguments
+from qnext_mlx.errors import ConfigError
+from qnext_mlx.model.config import ModelConfig
 from qnext_mlx.model.rope import (
     RoPE,
     context_window,
@@ -35,17 +35,26 @@ YARN_CASES = {
     "80b_f2": dict(head_dim=256, theta=1e7, mpe=262144, rp=dict(factor=2.0, original_max_position_embeddings=262144)),
     "80b_f1.5": dict(head_dim=256, theta=1e7, mpe=262144, rp=dict(factor=1.5, original_max_position_embeddings=262144)),
     "tiny_f4": dict(head_dim=64, theta=1e4, mpe=256, rp=dict(factor=4.0, original_max_position_embeddings=64)),
-    "no_truncate": dict(head_dim=64, theta=1e4, mpe=256,
-                        rp=dict(factor=3.0, original_max_position_embeddings=100, truncate=False)),
-    "betas_mscales": dict(head_dim=64, theta=1e4, mpe=1024,
-                          rp=dict(factor=8.0, original_max_position_embeddings=128, beta_fast=16, beta_slow=2,
-                                  mscale=0.9, mscale_all_dim=0.7)),
-    "mscale_only": dict(head_dim=64, theta=1e4, mpe=1024,
-                        rp=dict(factor=8.0, original_max_position_embeddings=128, mscale=0.7)),
-    "attention_factor": dict(head_dim=64, theta=1e4, mpe=320,
-                             rp=dict(factor=2.5, original_max_position_embeddings=128, attention_factor=1.5)),
-    "full_rotary": dict(head_dim=64, theta=1e6, mpe=2048, partial=1.0,
-                        rp=dict(factor=16.0, original_max_position_embeddings=128)),
+    "no_truncate": dict(
+        head_dim=64, theta=1e4, mpe=256, rp=dict(factor=3.0, original_max_position_embeddings=100, truncate=False)
+    ),
+    "betas_mscales": dict(
+        head_dim=64,
+        theta=1e4,
+        mpe=1024,
+        rp=dict(
+            factor=8.0, original_max_position_embeddings=128, beta_fast=16, beta_slow=2, mscale=0.9, mscale_all_dim=0.7
+        ),
+    ),
+    "mscale_only": dict(
+        head_dim=64, theta=1e4, mpe=1024, rp=dict(factor=8.0, original_max_position_embeddings=128, mscale=0.7)
+    ),
+    "attention_factor": dict(
+        head_dim=64, theta=1e4, mpe=320, rp=dict(factor=2.5, original_max_position_embeddings=128, attention_factor=1.5)
+    ),
+    "full_rotary": dict(
+        head_dim=64, theta=1e6, mpe=2048, partial=1.0, rp=dict(factor=16.0, original_max_position_embeddings=128)
+    ),
 }
 
 
@@ -114,13 +123,14 @@ def test_rope_module_rotates_first_dims_and_scales_only_them():
     x1, x2 = x[..., :8].astype(np.float64), x[..., 8:16].astype(np.float64)
     exact = np.concatenate([x1 * cos64 - x2 * sin64, x2 * cos64 + x1 * sin64, x[..., 16:]], axis=-1)
     assert np.max(np.abs(ours - exact)) <= np.max(np.abs(ref.numpy() - exact)) + 1e-6  # no worse than transformers
-    assert np.array_equal(ours[..., cfg.rotary_dim:], x[..., cfg.rotary_dim:])  # pass-through dims untouched
+    assert np.array_equal(ours[..., cfg.rotary_dim :], x[..., cfg.rotary_dim :])  # pass-through dims untouched
 
 
 # ------------------------------------------------------------------------ logits
 ORIG = 64  # tiny original window: a 150-token prompt reaches positions far beyond it
-TINY_YARN = dict(rope_type="yarn", rope_theta=10000.0, partial_rotary_factor=0.25, factor=4.0,
-                 original_max_position_embeddings=ORIG)
+TINY_YARN = dict(
+    rope_type="yarn", rope_theta=10000.0, partial_rotary_factor=0.25, factor=4.0, original_max_position_embeddings=ORIG
+)
 
 
 def _yarn_checkpoint(hf_checkpoint):
@@ -148,8 +158,11 @@ def _legacy(cfg, type_key="rope_type"):
     rp = cfg.pop("rope_parameters")
     cfg["rope_theta"] = rp["rope_theta"]
     cfg["partial_rotary_factor"] = rp["partial_rotary_factor"]
-    cfg["rope_scaling"] = {type_key: "yarn", "factor": rp["factor"],
-                           "original_max_position_embeddings": rp["original_max_position_embeddings"]}
+    cfg["rope_scaling"] = {
+        type_key: "yarn",
+        "factor": rp["factor"],
+        "original_max_position_embeddings": rp["original_max_position_embeddings"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +178,7 @@ def test_yarn_logits_match_transformers_beyond_native_window(yarn_reference):
     assert model.config.rope_scaling["rope_type"] == "yarn"
     ours = model(mx.array(ids))
     assert _max_abs(ours, ref) <= TOL
-    assert _max_abs(ours[:, 2 * ORIG:], ref[:, 2 * ORIG:]) <= TOL  # positions 128..149: 2x the native window
+    assert _max_abs(ours[:, 2 * ORIG :], ref[:, 2 * ORIG :]) <= TOL  # positions 128..149: 2x the native window
 
     # the same through the cache: prefill past the window, then token by token
     cache = model.make_cache()
@@ -179,8 +192,13 @@ def test_yarn_logits_match_transformers_beyond_native_window(yarn_reference):
 def test_plain_rope_would_fail_this_comparison(yarn_reference, tmp_path):
     """The YaRN test is sensitive: the same weights with plain RoPE differ clearly past the window."""
     path, ids, ref = yarn_reference
-    plain = _rewrite_config(path, tmp_path / "plain", lambda c: c.update(
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}))
+    plain = _rewrite_config(
+        path,
+        tmp_path / "plain",
+        lambda c: c.update(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+        ),
+    )
     ours = qnext_mlx.load_model(plain)(mx.array(ids))
     assert _max_abs(ours[:, ORIG:], ref[:, ORIG:]) > 100 * TOL
 
@@ -203,21 +221,30 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-@pytest.mark.parametrize("argv", [
-    ["--rope-scaling", "yarn", "--rope-factor", "4", "--original-max-position-embeddings", str(ORIG)],
-    ["--rope-factor", "4", "--original-max-position-embeddings", str(ORIG)],
-    ["--max-context", "250", "--original-max-position-embeddings", str(ORIG)],  # 250/64 = 3.9 -> 4.0
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--rope-scaling", "yarn", "--rope-factor", "4", "--original-max-position-embeddings", str(ORIG)],
+        ["--rope-factor", "4", "--original-max-position-embeddings", str(ORIG)],
+        ["--max-context", "250", "--original-max-position-embeddings", str(ORIG)],  # 250/64 = 3.9 -> 4.0
+    ],
+)
 def test_command_line_yarn_on_plain_checkpoint_matches_transformers(yarn_reference, tmp_path, argv, capsys):
     """A checkpoint without scaling + the command-line options == transformers configured with YaRN."""
     path, ids, ref = yarn_reference
-    plain = _rewrite_config(path, tmp_path / "plain", lambda c: c.update(
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        max_position_embeddings=ORIG))
+    plain = _rewrite_config(
+        path,
+        tmp_path / "plain",
+        lambda c: c.update(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            max_position_embeddings=ORIG,
+        ),
+    )
     model = qnext_mlx.load_model(plain)
     cfg = apply_rope_arguments(_parse(argv), model)
     assert cfg is model.config and cfg.rope_scaling == dict(
-        rope_type="yarn", factor=4.0, original_max_position_embeddings=ORIG)
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=ORIG
+    )
     assert "YaRN factor 4" in capsys.readouterr().err
     assert _max_abs(model(mx.array(ids)), ref) <= TOL
     # switching it back off restores plain RoPE (the config's own max_position_embeddings is 64)
@@ -228,29 +255,52 @@ def test_command_line_yarn_on_plain_checkpoint_matches_transformers(yarn_referen
 
 # ------------------------------------------------------------------- option logic
 def _published_like(**extra):
-    cfg = dict(model_type="qwen3_next", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
-               num_attention_heads=16, num_key_value_heads=2, head_dim=256, max_position_embeddings=262144,
-               rope_theta=10000000, partial_rotary_factor=0.25)
+    cfg = dict(
+        model_type="qwen3_next",
+        vocab_size=151936,
+        hidden_size=2048,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        max_position_embeddings=262144,
+        rope_theta=10000000,
+        partial_rotary_factor=0.25,
+    )
     cfg.update(extra)
     return ModelConfig.from_dict(cfg)
 
 
-@pytest.mark.parametrize("tokens,factor", [
-    (1_000_000, 4.0), (1_010_000, 4.0), (1_048_576, 4.0), (1_048_577, 4.5), (524_288, 2.0),
-    (512_000, 2.0), (600_000, 2.5), (262_145, 1.5), (262_144, None), (100_000, None),
-])
+@pytest.mark.parametrize(
+    "tokens,factor",
+    [
+        (1_000_000, 4.0),
+        (1_010_000, 4.0),
+        (1_048_576, 4.0),
+        (1_048_577, 4.5),
+        (524_288, 2.0),
+        (512_000, 2.0),
+        (600_000, 2.5),
+        (262_145, 1.5),
+        (262_144, None),
+        (100_000, None),
+    ],
+)
 def test_factor_for_context(tokens, factor):
     assert factor_for_context(tokens, 262_144) == factor
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--max-context", "1000000"], 4.0),
-    (["--max-context", "1M"], 4.0),
-    (["--max-context", "512K"], 2.0),
-    (["--max-context", "600_000"], 2.5),
-    (["--rope-scaling", "yarn", "--rope-factor", "2"], 2.0),
-    (["--rope-factor", "3"], 3.0),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--max-context", "1000000"], 4.0),
+        (["--max-context", "1M"], 4.0),
+        (["--max-context", "512K"], 2.0),
+        (["--max-context", "600_000"], 2.5),
+        (["--rope-scaling", "yarn", "--rope-factor", "2"], 2.0),
+        (["--rope-factor", "3"], 3.0),
+    ],
+)
 def test_options_pick_yarn(argv, expected):
     cfg = _published_like()
     changed, scaling, msg = rope_override(_parse(argv), cfg)
@@ -282,15 +332,22 @@ def test_yarn_without_factor_keeps_config_factor_or_errors():
     with pytest.raises(ConfigError, match="--rope-factor F or --max-context N"):
         rope_override(_parse(["--rope-scaling", "yarn"]), _published_like())
     cfg = _published_like(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 262144})
-    _, scaling, _ = rope_override(_parse(["--rope-scaling", "yarn", "--original-max-position-embeddings", "131072"]), cfg)
+    _, scaling, _ = rope_override(
+        _parse(["--rope-scaling", "yarn", "--original-max-position-embeddings", "131072"]), cfg
+    )
     assert scaling == dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=131072)
 
 
 def test_contradictory_options_are_errors():
     with pytest.raises(ConfigError, match="--rope-scaling none"):
         rope_override(_parse(["--rope-scaling", "none", "--rope-factor", "2"]), _published_like())
-    for argv in (["--rope-factor", "0.5"], ["--rope-factor", "x"], ["--max-context", "-3"],
-                 ["--rope-factor", "2", "--max-context", "1M"], ["--rope-scaling", "dynamic"]):
+    for argv in (
+        ["--rope-factor", "0.5"],
+        ["--rope-factor", "x"],
+        ["--max-context", "-3"],
+        ["--rope-factor", "2", "--max-context", "1M"],
+        ["--rope-scaling", "dynamic"],
+    ):
         with pytest.raises(SystemExit) as e:
             _parse(argv)
         assert e.value.code == 2

@@ -37,7 +37,9 @@ def write_tokenizer(folder: Path, vocab_size: int = 320) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS * 8, trainer)
@@ -48,15 +50,27 @@ def write_tokenizer(folder: Path, vocab_size: int = 320) -> None:
     folder = Path(folder)
     tok.save(str(folder / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 4096,
-    }, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({
-        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-        "temperature": 0.7, "top_p": 0.8, "top_k": 20,
-    }, indent=2))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "chat_template": CHAT_TEMPLATE,
+                "model_max_length": 4096,
+            },
+            indent=2,
+        )
+    )
+    (folder / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                "temperature": 0.7,
+                "top_p": 0.8,
+                "top_k": 20,
+            },
+            indent=2,
+        )
+    )

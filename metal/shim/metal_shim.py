@@ -45,8 +45,16 @@ HEADERS = [HEADER, SHIM_DIR / "metal_shim_simdgroup_matrix.h"]
 
 CXX = os.environ.get("QNEXT_METAL_SHIM_CXX", "g++")
 CXXFLAGS = [
-    "-std=c++17", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off",
-    "-fno-fast-math", "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-but-set-variable",
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-fno-strict-aliasing",
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-Wno-unknown-pragmas",
+    "-Wno-unused-variable",
+    "-Wno-unused-but-set-variable",
 ]
 
 
@@ -270,7 +278,8 @@ def compile_source(cpp: str) -> ctypes.CDLL:
             lib = Path(tmp) / "kernel.so"
             proc = subprocess.run(
                 [CXX, *CXXFLAGS, "-I", str(SHIM_DIR), str(src), "-o", str(lib)],
-                capture_output=True, text=True,
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 raise ShimError("metal shim: compilation failed:\n" + proc.stderr[-6000:])
@@ -278,8 +287,13 @@ def compile_source(cpp: str) -> ctypes.CDLL:
     dll = ctypes.CDLL(str(out))
     dll.mtlshim_run.restype = ctypes.c_int
     dll.mtlshim_run.argtypes = [
-        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
-        ctypes.c_ulong, ctypes.c_uint, ctypes.c_char_p, ctypes.c_int,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_uint),
+        ctypes.POINTER(ctypes.c_uint),
+        ctypes.c_ulong,
+        ctypes.c_uint,
+        ctypes.c_char_p,
+        ctypes.c_int,
     ]
     _LIBS[key] = dll
     return dll
@@ -442,8 +456,22 @@ def run_metal_body(
     """
     ins = [(n, *_as_input(v)) for n, v in inputs.items()]
     outs = [(n, tuple(shape), dtype_name(dt)) for n, shape, dt in outputs]
-    res = launch(name, source, header, ins, outs, grid, threadgroup, template, init_value,
-                 ensure_row_contiguous, atomic_outputs, order, stack_kb, verbose)
+    res = launch(
+        name,
+        source,
+        header,
+        ins,
+        outs,
+        grid,
+        threadgroup,
+        template,
+        init_value,
+        ensure_row_contiguous,
+        atomic_outputs,
+        order,
+        stack_kb,
+        verbose,
+    )
     result = {}
     for (n, _, dt), arr in zip(outs, res):
         result[n] = bf16_bits_to_float(arr) if dt == "bfloat16" else arr
@@ -453,9 +481,18 @@ def run_metal_body(
 class ShimKernel:
     """Callable with the interface of the object ``mx.fast.metal_kernel`` returns."""
 
-    def __init__(self, name: str, input_names: Sequence[str], output_names: Sequence[str], source: str,
-                 header: str = "", ensure_row_contiguous: bool = True, atomic_outputs: bool = False,
-                 order: int = 0, stack_kb: int = 64):
+    def __init__(
+        self,
+        name: str,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        source: str,
+        header: str = "",
+        ensure_row_contiguous: bool = True,
+        atomic_outputs: bool = False,
+        order: int = 0,
+        stack_kb: int = 64,
+    ):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
         self.name = name
@@ -468,20 +505,45 @@ class ShimKernel:
         self.order = order
         self.stack_kb = stack_kb
 
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
-                 init_value=None, verbose=False, stream=None):
+    def __call__(
+        self,
+        *,
+        inputs,
+        output_shapes,
+        output_dtypes,
+        grid,
+        threadgroup,
+        template=None,
+        init_value=None,
+        verbose=False,
+        stream=None,
+    ):
         import mlx.core as mx
 
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)} "
-                             f"but got size {len(inputs)}.")
+            raise ValueError(
+                f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)} but got size {len(inputs)}."
+            )
         if len(output_shapes) != len(self.output_names) or len(output_dtypes) != len(self.output_names):
             raise ValueError("[metal_kernel] output_shapes/output_dtypes must match output_names.")
         ins = [(n, *_as_input(v)) for n, v in zip(self.input_names, inputs)]
         outs = [(n, tuple(s), dtype_name(d)) for n, s, d in zip(self.output_names, output_shapes, output_dtypes)]
-        res = launch(self.name, self.source, self.header, ins, outs, grid, threadgroup, template or (),
-                     init_value, self.ensure_row_contiguous, self.atomic_outputs, self.order,
-                     self.stack_kb, verbose)
+        res = launch(
+            self.name,
+            self.source,
+            self.header,
+            ins,
+            outs,
+            grid,
+            threadgroup,
+            template or (),
+            init_value,
+            self.ensure_row_contiguous,
+            self.atomic_outputs,
+            self.order,
+            self.stack_kb,
+            verbose,
+        )
         arrays = []
         for (_, _, dt), arr in zip(outs, res):
             if dt == "bfloat16":
@@ -491,13 +553,24 @@ class ShimKernel:
         return arrays
 
 
-def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str], source: str,
-                 header: str = "", ensure_row_contiguous: bool = True, atomic_outputs: bool = False,
-                 compile_options: Any = None, *, order: int = 0, stack_kb: int = 64) -> ShimKernel:
+def metal_kernel(
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    source: str,
+    header: str = "",
+    ensure_row_contiguous: bool = True,
+    atomic_outputs: bool = False,
+    compile_options: Any = None,
+    *,
+    order: int = 0,
+    stack_kb: int = 64,
+) -> ShimKernel:
     """Drop-in for ``mx.fast.metal_kernel`` that executes on the CPU through the shim.
 
     ``order`` and ``stack_kb`` are shim-only (thread start order, fiber stack size).
     ``compile_options`` is accepted and ignored.
     """
-    return ShimKernel(name, input_names, output_names, source, header, ensure_row_contiguous,
-                      atomic_outputs, order, stack_kb)
+    return ShimKernel(
+        name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs, order, stack_kb
+    )

@@ -206,9 +206,18 @@ def shard_file_names(n: int) -> List[str]:
 
 # safetensors' names for MLX dtypes (the ones a checkpoint can hold)
 _SAFETENSORS_DTYPES = {
-    mx.bool_: "BOOL", mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16",
-    mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32", mx.float32: "F32",
-    mx.uint64: "U64", mx.int64: "I64",
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.uint16: "U16",
+    mx.int16: "I16",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.uint32: "U32",
+    mx.int32: "I32",
+    mx.float32: "F32",
+    mx.uint64: "U64",
+    mx.int64: "I64",
 }
 
 
@@ -224,7 +233,10 @@ def _raw_bytes(arr: mx.array) -> memoryview:
 
 
 def write_safetensors(
-    path: Path, tensors: Dict[str, mx.array], names: Sequence[str], on_tensor=None,
+    path: Path,
+    tensors: Dict[str, mx.array],
+    names: Sequence[str],
+    on_tensor=None,
 ) -> int:
     """Write ``names`` from ``tensors`` (lazy arrays) to one safetensors file, one tensor at a time.
 
@@ -238,8 +250,11 @@ def write_safetensors(
     offset = 0
     for name in names:
         arr = tensors[name]
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the format pads the header so that data starts 8-byte aligned
@@ -278,8 +293,14 @@ def write_shards(
 
     weight_map: Dict[str, str] = {}
     total = 0
-    bar = tqdm(total=sum(len(s) for s in shards), unit="tensor", desc="converting",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(s) for s in shards),
+        unit="tensor",
+        desc="converting",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def advance(name: str) -> None:
         bar.set_postfix_str(name, refresh=False)
@@ -348,16 +369,27 @@ def _describe_quantization(quantization: Optional[Dict[str, Any]], recipe: str, 
         return f"not quantized ({dtype})"
     overrides = {k: v for k, v in quantization.items() if isinstance(v, dict)}
     mix = sorted({(v["bits"], v["group_size"]) for v in overrides.values()})
-    text = (f"{quantization['bits']}-bit affine, group size {quantization['group_size']}, recipe `{recipe}`")
+    text = f"{quantization['bits']}-bit affine, group size {quantization['group_size']}, recipe `{recipe}`"
     if mix:
-        text += "; " + ", ".join(f"{len([1 for v in overrides.values() if (v['bits'], v['group_size']) == m])} "
-                                 f"module(s) at {m[0]} bits (group {m[1]})" for m in mix)
+        text += "; " + ", ".join(
+            f"{len([1 for v in overrides.values() if (v['bits'], v['group_size']) == m])} "
+            f"module(s) at {m[0]} bits (group {m[1]})"
+            for m in mix
+        )
     return text + f"; float tensors in {dtype}"
 
 
 def model_card(
-    source: str, base_model: Optional[str], quantization, recipe: str, dtype: str,
-    result_bytes: int, num_shards: int, bits_per_weight: float, num_mtp: int, repo: Optional[str],
+    source: str,
+    base_model: Optional[str],
+    quantization,
+    recipe: str,
+    dtype: str,
+    result_bytes: int,
+    num_shards: int,
+    bits_per_weight: float,
+    num_mtp: int,
+    repo: Optional[str],
 ) -> str:
     """A short README.md: where the weights come from, how they were converted, how to load them."""
     front = ["---", "library_name: mlx", "pipeline_tag: text-generation"]
@@ -398,8 +430,9 @@ def upload(path: Path, repo: str) -> None:
 
         api = HfApi()
         api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
-        api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model",
-                          commit_message="Upload MLX conversion (qnext-mlx)")
+        api.upload_folder(
+            folder_path=str(path), repo_id=repo, repo_type="model", commit_message="Upload MLX conversion (qnext-mlx)"
+        )
     except Exception as e:  # auth, network, quota: one line with the way out
         raise ConversionError(
             f"the conversion in {path} is complete but uploading it to {repo} failed ({type(e).__name__}: {e}); "
@@ -519,15 +552,21 @@ def convert(
     del weights, model  # the plan holds the only references to the lazy inputs
     shards = plan_shards(tensors, max_bytes)
     total_bytes = sum(a.nbytes for a in tensors.values())
-    out_dtype = dtype or str(next(a.dtype for a in tensors.values() if mx.issubdtype(a.dtype, mx.floating))).split(".")[-1]
-    _log(progress, f"[convert] {src} -> {out}: {len(tensors)} tensors, {human_size(total_bytes)} in {len(shards)} shard(s), "
-                   + _describe_quantization(quantization, recipe, out_dtype))
+    out_dtype = (
+        dtype or str(next(a.dtype for a in tensors.values() if mx.issubdtype(a.dtype, mx.floating))).split(".")[-1]
+    )
+    _log(
+        progress,
+        f"[convert] {src} -> {out}: {len(tensors)} tensors, {human_size(total_bytes)} in {len(shards)} shard(s), "
+        + _describe_quantization(quantization, recipe, out_dtype),
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if free < total_bytes + 2**26:
         raise ConversionError(
-            f"not enough disk space in {out.parent}: the output needs {human_size(total_bytes)}, {human_size(free)} free"
+            f"not enough disk space in {out.parent}: the output needs {human_size(total_bytes)}, "
+            f"{human_size(free)} free"
         )
     # an ordinary folder (mkdir honours the umask; mkdtemp's would stay private) with a unique name
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
@@ -540,8 +579,18 @@ def convert(
         (tmp / "config.json").write_text(json.dumps(cfg_out, indent=4), encoding="utf-8")
         copy_side_files(src, tmp)
         bpw = total_bytes * 8 / max(num_params, 1)
-        card = model_card(str(hf_path), base_model, quantization, recipe, out_dtype, total_bytes,
-                          len(shards), bpw, config.num_mtp_layers or 0, upload_repo)
+        card = model_card(
+            str(hf_path),
+            base_model,
+            quantization,
+            recipe,
+            out_dtype,
+            total_bytes,
+            len(shards),
+            bpw,
+            config.num_mtp_layers or 0,
+            upload_repo,
+        )
         (tmp / "README.md").write_text(card, encoding="utf-8")
         _publish(tmp, out, force)
     except BaseException as e:  # errors and Ctrl-C alike: leave no partial output
@@ -551,12 +600,20 @@ def convert(
         raise
 
     result = ConvertResult(
-        path=out, num_tensors=len(index["weight_map"]), num_shards=len(shards), total_bytes=total_bytes,
-        bits_per_weight=bpw, quantization=quantization, seconds=time.perf_counter() - start,
+        path=out,
+        num_tensors=len(index["weight_map"]),
+        num_shards=len(shards),
+        total_bytes=total_bytes,
+        bits_per_weight=bpw,
+        quantization=quantization,
+        seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss_bytes(),
     )
-    _log(progress, f"[convert] wrote {out} ({human_size(total_bytes)}, {bpw:.2f} bits/weight) in "
-                   f"{result.seconds:.1f} s; peak memory (RSS) {human_size(result.peak_rss_bytes)}")
+    _log(
+        progress,
+        f"[convert] wrote {out} ({human_size(total_bytes)}, {bpw:.2f} bits/weight) in "
+        f"{result.seconds:.1f} s; peak memory (RSS) {human_size(result.peak_rss_bytes)}",
+    )
     if upload_repo:
         _log(progress, f"[convert] uploading to {upload_repo}")
         upload(out, upload_repo)

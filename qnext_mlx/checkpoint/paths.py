@@ -23,7 +23,13 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 REAL_MODEL_REPO = "Qwen/Qwen3-Next-80B-A3B-Instruct"
 # Files next to the weights that a model folder needs (downloads ask for these only).
 MODEL_FILE_PATTERNS = [
-    "*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "*.md",
+    "*.json",
+    "*.safetensors",
+    "*.jinja",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.md",
 ]
 
 

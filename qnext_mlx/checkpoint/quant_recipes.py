@@ -1,6 +1,6 @@
 """Quantization recipes: which modules get how many bits.
 
-A recipe maps a module path of :class:`qnext_mlx.models.Model` (``"model.layers.3.mlp.gate"``)
+A recipe maps a module path of :class:`qnext_mlx.model.Model` (``"model.layers.3.mlp.gate"``)
 and the module itself to ``{"group_size": g, "bits": b}``, or to ``None`` to keep it
 in floating point. Only modules with ``to_quantized`` (Linear, Embedding and mlx-lm's
 SwitchLinear) whose input dim divides the group size are quantized, as in mlx-lm;

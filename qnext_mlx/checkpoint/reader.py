@@ -26,8 +26,21 @@ from .paths import resolve_model_path
 
 # safetensors dtype name -> bytes per element
 ST_DTYPE_SIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-    "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 # A model folder's tokenizer: at least one of these (transformers 5 builds an empty
 # tokenizer from a folder without any, instead of failing).
@@ -74,7 +87,8 @@ def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]
             raise CheckpointError(f"{path.name}: tensor {name!r} has inconsistent size in the header")
         if end > data_size:
             raise CheckpointError(
-                f"{path.name}: truncated (tensor {name!r} ends at byte {end} of {data_size}); re-download or re-convert it"
+                f"{path.name}: truncated (tensor {name!r} ends at byte {end} of {data_size}); "
+                "re-download or re-convert it"
             )
         out[name] = (dtype, shape)
     return out
@@ -151,8 +165,9 @@ def _quantize(model: Model, config: ModelConfig, weights: Dict[str, mx.array]) -
             return False
         return f"{path}.scales" in weights
 
-    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-                class_predicate=predicate)
+    nn.quantize(
+        model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"), class_predicate=predicate
+    )
 
 
 def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
@@ -208,8 +223,10 @@ def load_model(
     check_weights(model, weights)
     # packed quantized weights are integers; shifted norm weights stay float32 (see RMSNorm)
     if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(SHIFTED_NORMS)
-                   else v for k, v in weights.items()}
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(SHIFTED_NORMS) else v
+            for k, v in weights.items()
+        }
     model.load_weights(list(weights.items()), strict=False)
     _fit_experts_to_backend(model)
     use_fast_linears(model)  # prefill-sized matmuls as plain GEMMs on the CPU (kernels/linear.py)

@@ -56,16 +56,23 @@ def generate_tokens(
     the part of the prompt processed so far (a prefix of ``prompt``, reusable).
     Between generated tokens the caller decides (it just stops iterating).
 
-    This is the one decode loop. ``mtp``: a :class:`~qnext_mlx.speculative.MTPDecoding`
+    This is the one decode loop. ``mtp``: a :class:`~qnext_mlx.engine.speculative.MTPDecoding`
     (drafts per step, sampling settings; ``sampler`` must then be None) decodes with
-    MTP drafts instead, same contract (:func:`~qnext_mlx.speculative.speculative_generate_tokens`).
+    MTP drafts instead, same contract (:func:`~qnext_mlx.engine.speculative.speculative_generate_tokens`).
     """
     if mtp is not None:
         if sampler is not None:
             raise ValueError("MTP decoding samples from its settings (mtp.temp, ...), not from a sampler function")
         yield from speculative.speculative_generate_tokens(
-            model, cache, prompt, decoding=mtp, max_tokens=max_tokens, logits_processors=logits_processors,
-            prefill_step_size=prefill_step_size, progress=progress, checkpoint_at=checkpoint_at,
+            model,
+            cache,
+            prompt,
+            decoding=mtp,
+            max_tokens=max_tokens,
+            logits_processors=logits_processors,
+            prefill_step_size=prefill_step_size,
+            progress=progress,
+            checkpoint_at=checkpoint_at,
             should_stop=should_stop,
         )
         return
@@ -93,8 +100,9 @@ def generate_tokens(
     with mx.stream(stream):
         for stop in sorted(set(checkpoint_at)) + [len(prompt) - 1]:
             if cache.offset < stop <= len(prompt) - 1:
-                if not prefill(model, cache, prompt[cache.offset : stop], prefill_step_size, progress,
-                               should_stop=should_stop):
+                if not prefill(
+                    model, cache, prompt[cache.offset : stop], prefill_step_size, progress, should_stop=should_stop
+                ):
                     return
                 cache.keep_checkpoint()
     y, logprobs = step(mx.array(prompt[-1:], dtype=mx.int32), generated=False)

@@ -56,8 +56,13 @@ DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}  # floating safetensors dtypes an 
 
 
 # ----------------------------------------------------------------------------- parts
-def kv_bytes_per_token(cfg: ModelConfig, kv_bits: Optional[int] = None, dtype_bytes: int = 2,
-                       group_size: int = 64, layers: Optional[int] = None) -> float:
+def kv_bytes_per_token(
+    cfg: ModelConfig,
+    kv_bits: Optional[int] = None,
+    dtype_bytes: int = 2,
+    group_size: int = 64,
+    layers: Optional[int] = None,
+) -> float:
     """KV cache bytes per token over the full-attention layers (or ``layers`` of them).
 
     16-bit: ``layers x 2 x kv_heads x head_dim x dtype_bytes``. Quantized:
@@ -71,8 +76,14 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_bits: Optional[int] = None, dtype_by
     return elements * (kv_bits / 8 + 2 * dtype_bytes / group_size)
 
 
-def kv_cache_bytes(cfg: ModelConfig, tokens: int, kv_bits: Optional[int] = None, dtype_bytes: int = 2,
-                   group_size: int = 64, layers: Optional[int] = None) -> int:
+def kv_cache_bytes(
+    cfg: ModelConfig,
+    tokens: int,
+    kv_bits: Optional[int] = None,
+    dtype_bytes: int = 2,
+    group_size: int = 64,
+    layers: Optional[int] = None,
+) -> int:
     """Bytes the KV caches hold at ``tokens`` (rounded up to the cache's 256-token step)."""
     allocated = math.ceil(tokens / KV_STEP) * KV_STEP
     return int(round(allocated * kv_bytes_per_token(cfg, kv_bits, dtype_bytes, group_size, layers)))
@@ -81,14 +92,17 @@ def kv_cache_bytes(cfg: ModelConfig, tokens: int, kv_bits: Optional[int] = None,
 def deltanet_state_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
     """Recurrent (float32 ``Hv x Dv x Dk``) plus conv (``(K-1) x conv_dim``) state of all DeltaNet layers."""
     n = sum(1 for t in cfg.layer_types if t == "linear_attention")
-    conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    conv_dim = (
+        2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    )
     recurrent = cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * 4
     conv = (cfg.linear_conv_kernel_dim - 1) * conv_dim * dtype_bytes
     return n * (recurrent + conv)
 
 
-def estimate_weight_bytes(cfg: ModelConfig, bits: Optional[int] = None, group_size: int = 64,
-                          dtype_bytes: int = 2, mtp_layers: int = 0) -> Tuple[int, int]:
+def estimate_weight_bytes(
+    cfg: ModelConfig, bits: Optional[int] = None, group_size: int = 64, dtype_bytes: int = 2, mtp_layers: int = 0
+) -> Tuple[int, int]:
     """``(bytes, parameters)`` of the model's weights, without any weights.
 
     Builds the MLX module tree lazily (its random initial values are never
@@ -147,14 +161,28 @@ def checkpoint_weights(model_path: Path) -> Optional[Dict[str, Any]]:
             if name.startswith("mtp.layers."):
                 mtp.add(name.split(".")[2])
     act = embed.get("scales") or embed.get("weight")
-    return {"bytes": total, "files": len(files), "activation_dtype_bytes": DTYPE_BYTES.get(act),
-            "expert_16bit_bytes": experts16, "mtp_layers": len(mtp)}
+    return {
+        "bytes": total,
+        "files": len(files),
+        "activation_dtype_bytes": DTYPE_BYTES.get(act),
+        "expert_16bit_bytes": experts16,
+        "mtp_layers": len(mtp),
+    }
 
 
-def activation_bytes(cfg: ModelConfig, context: int, chunk: int, *, dtype_bytes: int = 2,
-                     kv_bits: Optional[int] = None, kv_group_size: int = 64, fused_attention: bool = False,
-                     expert_dtype_bytes: Optional[int] = None, cpu_backend: bool = False,
-                     cpu_lanes: Optional[int] = None) -> Dict[str, int]:
+def activation_bytes(
+    cfg: ModelConfig,
+    context: int,
+    chunk: int,
+    *,
+    dtype_bytes: int = 2,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    fused_attention: bool = False,
+    expert_dtype_bytes: Optional[int] = None,
+    cpu_backend: bool = False,
+    cpu_lanes: Optional[int] = None,
+) -> Dict[str, int]:
     """Peak transient memory of one prefill chunk of ``chunk`` tokens ending at ``context``.
 
     MLX frees each intermediate once its consumers have run, so the peak is
@@ -193,8 +221,7 @@ def activation_bytes(cfg: ModelConfig, context: int, chunk: int, *, dtype_bytes:
     if cpu_backend and kv_bits is None and not fused_attention and C >= MIN_ROWS:
         block = min(PREFILL_BLOCK, C)
         in_flight = min(cpu_lanes or current_cpu_lanes(), -(-C // block))
-        scores = (in_flight * (nh * block * T * b + block * T + 2 * nkv * hd * T * b)
-                  + nkv * hd * T * b)
+        scores = in_flight * (nh * block * T * b + block * T + 2 * nkv * hd * T * b) + nkv * hd * T * b
     kv_growth = kv_cache_bytes(cfg, T, kv_bits, b, kv_group_size, layers=1)
     dequant = 0
     if kv_bits is not None and cpu_backend and not fused_attention:
@@ -202,20 +229,37 @@ def activation_bytes(cfg: ModelConfig, context: int, chunk: int, *, dtype_bytes:
         dequant = 2 * nkv * hd * T * 4
     attention = proj + scores + kv_growth + dequant
 
-    hk, hv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    hk, hv, dk, dv = (
+        cfg.linear_num_key_heads,
+        cfg.linear_num_value_heads,
+        cfg.linear_key_head_dim,
+        cfg.linear_value_head_dim,
+    )
     conv_dim = 2 * hk * dk + hv * dv
-    deltanet = (C * (2 * hk * dk + 2 * hv * dv + 2 * hv) * b + 2 * C * conv_dim * b
-                + 3 * C * (2 * hv * dk + hv * dv) * 4 + 3 * C * hv * 64 * 4)
+    deltanet = (
+        C * (2 * hk * dk + 2 * hv * dv + 2 * hv) * b
+        + 2 * C * conv_dim * b
+        + 3 * C * (2 * hv * dk + hv * dv) * 4
+        + 3 * C * hv * 64 * 4
+    )
 
     if cfg.num_experts:
         k, inter = cfg.num_experts_per_tok, cfg.moe_intermediate_size
-        moe = 2 * C * cfg.num_experts * 4 + C * k * (2 * H + 3 * inter) * be + 3 * C * cfg.shared_expert_intermediate_size * b
+        moe = (
+            2 * C * cfg.num_experts * 4
+            + C * k * (2 * H + 3 * inter) * be
+            + 3 * C * cfg.shared_expert_intermediate_size * b
+        )
     else:
         moe = 3 * C * cfg.intermediate_size * b
     logits = cfg.vocab_size * 4
     return {
-        "residual": int(residual), "attention_layer": int(attention), "attention_scores": int(scores),
-        "deltanet_layer": int(deltanet), "moe_layer": int(moe), "logits": int(logits),
+        "residual": int(residual),
+        "attention_layer": int(attention),
+        "attention_scores": int(scores),
+        "deltanet_layer": int(deltanet),
+        "moe_layer": int(moe),
+        "logits": int(logits),
         "peak": int(residual + max(attention, deltanet, moe) + logits),
     }
 
@@ -236,8 +280,11 @@ def machine_memory() -> Dict[str, Any]:
             pass
     elif system == "Darwin":
         try:
-            total = int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
-                                       check=True).stdout.strip())
+            total = int(
+                subprocess.run(
+                    ["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, check=True
+                ).stdout.strip()
+            )
         except (OSError, ValueError, subprocess.CalledProcessError):
             pass
     if total is None:
@@ -253,13 +300,23 @@ def machine_memory() -> Dict[str, Any]:
     except Exception:  # older MLX or no Metal device: fall back to total RAM
         working_set = None
     if working_set:
-        budget, rule = working_set, (
-            "Metal: MLX's recommended working set (the wired limit mlx-lm runs under; "
-            "raise it with `sudo sysctl iogpu.wired_limit_mb=N`)")
+        budget, rule = (
+            working_set,
+            (
+                "Metal: MLX's recommended working set (the wired limit mlx-lm runs under; "
+                "raise it with `sudo sysctl iogpu.wired_limit_mb=N`)"
+            ),
+        )
     else:
         budget, rule = total, "total RAM (MLX CPU backend; no Metal device)"
-    return {"system": system, "total_ram": total, "available_ram": available,
-            "metal_working_set": working_set, "budget": budget, "rule": rule}
+    return {
+        "system": system,
+        "total_ram": total,
+        "available_ram": available,
+        "metal_working_set": working_set,
+        "budget": budget,
+        "rule": rule,
+    }
 
 
 # ------------------------------------------------------------------------------- plan
@@ -290,10 +347,22 @@ class Plan:
     notes: List[str] = field(default_factory=list)
 
 
-def make_plan(cfg: ModelConfig, context: int, *, model_name: str = "", model_path: Optional[Path] = None,
-              kv_bits: Optional[int] = None, q_bits: Optional[int] = None, group_size: int = 64,
-              chunk: int = DEFAULT_CHUNK, mtp: bool = False, kv_group_size: int = 64, fused_attention: bool = False,
-              cpu_backend: Optional[bool] = None, budget: Optional[int] = None) -> Plan:
+def make_plan(
+    cfg: ModelConfig,
+    context: int,
+    *,
+    model_name: str = "",
+    model_path: Optional[Path] = None,
+    kv_bits: Optional[int] = None,
+    q_bits: Optional[int] = None,
+    group_size: int = 64,
+    chunk: int = DEFAULT_CHUNK,
+    mtp: bool = False,
+    kv_group_size: int = 64,
+    fused_attention: bool = False,
+    cpu_backend: Optional[bool] = None,
+    budget: Optional[int] = None,
+) -> Plan:
     """Compute the :class:`Plan` (see the module docstring for the memory model)."""
     if context <= 0:
         raise ConfigError(f"--context must be a positive number of tokens, got {context}")
@@ -325,7 +394,9 @@ def make_plan(cfg: ModelConfig, context: int, *, model_name: str = "", model_pat
         bits = q_bits if q_bits is not None else (cfg.quantization or {}).get("bits")
         gs = (cfg.quantization or {}).get("group_size", group_size) if q_bits is None else group_size
         weights, params = estimate_weight_bytes(cfg, bits, gs, dtype_bytes, mtp_layers)
-        source = f"estimated from config.json, {bits}-bit (group {gs})" if bits else "estimated from config.json, 16-bit"
+        source = (
+            f"estimated from config.json, {bits}-bit (group {gs})" if bits else "estimated from config.json, 16-bit"
+        )
         if cpu_backend and not bits and cfg.num_experts:
             n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)) + mtp_layers
             extra = n_moe * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * (4 - dtype_bytes)
@@ -336,8 +407,14 @@ def make_plan(cfg: ModelConfig, context: int, *, model_name: str = "", model_pat
     kv = kv_cache_bytes(cfg, context, kv_bits, dtype_bytes, kv_group_size)
     mtp_kv = kv_cache_bytes(cfg, context, kv_bits, dtype_bytes, kv_group_size, layers=mtp_layers) if mtp else 0
     states = deltanet_state_bytes(cfg, dtype_bytes)
-    act_kw = dict(dtype_bytes=dtype_bytes, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                  fused_attention=fused_attention, expert_dtype_bytes=expert_bytes, cpu_backend=cpu_backend)
+    act_kw = dict(
+        dtype_bytes=dtype_bytes,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        fused_attention=fused_attention,
+        expert_dtype_bytes=expert_bytes,
+        cpu_backend=cpu_backend,
+    )
     acts = activation_bytes(cfg, context, min(chunk, context), **act_kw)
     fixed = weights + kv + mtp_kv + states
     total = fixed + acts["peak"]
@@ -347,8 +424,9 @@ def make_plan(cfg: ModelConfig, context: int, *, model_name: str = "", model_pat
     if context > window:
         f = factor_for_context(context, native)
         rope["needed_factor"] = f
-        rope["advice"] = (f"context exceeds the configured window of {window:,}: pass --max-context {context} "
-                          f"(YaRN factor {f:g})")
+        rope["advice"] = (
+            f"context exceeds the configured window of {window:,}: pass --max-context {context} (YaRN factor {f:g})"
+        )
     elif context > native:
         rope["advice"] = f"the configured YaRN covers it (window {window:,})"
     else:
@@ -368,12 +446,27 @@ def make_plan(cfg: ModelConfig, context: int, *, model_name: str = "", model_pat
                 suggested = c
                 break
     return Plan(
-        model=model_name, context=context, kv_bits=kv_bits, activation_dtype_bytes=dtype_bytes,
-        weights=int(weights), weights_source=source, parameters=params, kv_cache=kv,
+        model=model_name,
+        context=context,
+        kv_bits=kv_bits,
+        activation_dtype_bytes=dtype_bytes,
+        weights=int(weights),
+        weights_source=source,
+        parameters=params,
+        kv_cache=kv,
         kv_bytes_per_token=kv_bytes_per_token(cfg, kv_bits, dtype_bytes, kv_group_size),
-        mtp_kv_cache=mtp_kv, deltanet_state=states, prefill_chunk=min(chunk, context),
-        fused_attention=fused_attention, activations=acts, total=int(total), rope=rope, machine=machine,
-        fits=fits, backend="cpu" if cpu_backend else "metal", suggested_chunk=suggested, notes=notes,
+        mtp_kv_cache=mtp_kv,
+        deltanet_state=states,
+        prefill_chunk=min(chunk, context),
+        fused_attention=fused_attention,
+        activations=acts,
+        total=int(total),
+        rope=rope,
+        machine=machine,
+        fits=fits,
+        backend="cpu" if cpu_backend else "metal",
+        suggested_chunk=suggested,
+        notes=notes,
     )
 
 
@@ -395,16 +488,31 @@ def render(plan: Plan, cfg: ModelConfig) -> str:
     kv_kind = f"{plan.kv_bits}-bit (group 64)" if plan.kv_bits else f"{8 * plan.activation_dtype_bytes}-bit"
     a = plan.activations
     rows = [
-        ("weights", plan.weights, plan.weights_source
-         + (f", {plan.parameters / 1e9:.1f}B parameters" if plan.parameters else "")),
-        ("KV cache", plan.kv_cache, f"{kv_kind}: {n_attn} attention layers x {fmt_bytes(plan.kv_bytes_per_token)}/token"),
+        (
+            "weights",
+            plan.weights,
+            plan.weights_source + (f", {plan.parameters / 1e9:.1f}B parameters" if plan.parameters else ""),
+        ),
+        (
+            "KV cache",
+            plan.kv_cache,
+            f"{kv_kind}: {n_attn} attention layers x {fmt_bytes(plan.kv_bytes_per_token)}/token",
+        ),
     ]
     if plan.mtp_kv_cache:
         rows.append(("MTP head KV cache", plan.mtp_kv_cache, "MTP drafting (--mtp)"))
     rows += [
         ("DeltaNet state", plan.deltanet_state, f"{n_lin} layers, constant in context"),
-        ("peak activations", a["peak"], f"prefill chunk {plan.prefill_chunk:,} tokens, "
-         + ("fused attention" if plan.fused_attention else f"unfused attention scores {fmt_bytes(a['attention_scores'])}")),
+        (
+            "peak activations",
+            a["peak"],
+            f"prefill chunk {plan.prefill_chunk:,} tokens, "
+            + (
+                "fused attention"
+                if plan.fused_attention
+                else f"unfused attention scores {fmt_bytes(a['attention_scores'])}"
+            ),
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [
@@ -419,9 +527,11 @@ def render(plan: Plan, cfg: ModelConfig) -> str:
     lines.append(f"  {'total':<{width}}  {fmt_bytes(plan.total):>11}")
     m = plan.machine
     lines.append("")
-    lines.append(f"budget     {fmt_bytes(m['budget'])} = {m['rule']}"
-                 + (f"; RAM {fmt_bytes(m['total_ram'])}" if m.get("total_ram") and m["total_ram"] != m["budget"] else "")
-                 + (f", {fmt_bytes(m['available_ram'])} free now" if m.get("available_ram") else ""))
+    lines.append(
+        f"budget     {fmt_bytes(m['budget'])} = {m['rule']}"
+        + (f"; RAM {fmt_bytes(m['total_ram'])}" if m.get("total_ram") and m["total_ram"] != m["budget"] else "")
+        + (f", {fmt_bytes(m['available_ram'])} free now" if m.get("available_ram") else "")
+    )
     if plan.fits is None:
         verdict = "unknown (could not read this machine's memory)"
     elif plan.fits:
@@ -429,8 +539,10 @@ def render(plan: Plan, cfg: ModelConfig) -> str:
     else:
         verdict = f"DOES NOT FIT (short by {fmt_bytes(plan.total - m['budget'])})"
         if plan.suggested_chunk:
-            verdict += (f"; it fits with a prefill chunk of {plan.suggested_chunk} tokens "
-                        f"(generate --prefill-step-size {plan.suggested_chunk})")
+            verdict += (
+                f"; it fits with a prefill chunk of {plan.suggested_chunk} tokens "
+                f"(generate --prefill-step-size {plan.suggested_chunk})"
+            )
         elif plan.kv_bits is None:
             verdict += "; try --kv-bits 4, a smaller --context or smaller weights"
         else:

@@ -67,10 +67,15 @@ def eval_cache(cache: ModelCache) -> None:
     mx.eval([c.state for c in cache] + [c.state for c in cache.mtp])
 
 
-def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DEFAULT_PREFILL_STEP_SIZE,
-            progress: Optional[bool] = None,
-            on_hidden: Optional[Callable[[mx.array], None]] = None,
-            should_stop: Optional[StopCheck] = None) -> bool:
+def prefill(
+    model,
+    cache: ModelCache,
+    tokens: Sequence[int],
+    step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    progress: Optional[bool] = None,
+    on_hidden: Optional[Callable[[mx.array], None]] = None,
+    should_stop: Optional[StopCheck] = None,
+) -> bool:
     """Feed ``tokens`` through the model in chunks of ``step_size``, evaluating the
     cache after each (memory stays bounded by one chunk's activations).
 
@@ -78,7 +83,7 @@ def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DE
     for more than ``PROGRESS_MIN_TOKENS`` tokens. Interrupted (Ctrl-C), the cache
     holds exactly the chunks completed so far. ``on_hidden(h [1, chunk, hidden])``
     gets each chunk's final hidden states before the cache is evaluated (the MTP
-    head's prefill, :mod:`qnext_mlx.speculative`).
+    head's prefill, :mod:`qnext_mlx.engine.speculative`).
 
     ``should_stop()`` is called before each chunk (so between chunks, once the
     previous one is evaluated): when it returns True no further chunk runs and
@@ -117,5 +122,3 @@ def prefill(model, cache: ModelCache, tokens: Sequence[int], step_size: int = DE
 def decode_step(model, cache: ModelCache, ids: mx.array) -> mx.array:
     """Run ``ids`` (``[L]``) and return the logits of the last position ``[1, vocab]``."""
     return forward(model, cache, ids[None])[:, -1, :]
-
-

@@ -45,8 +45,14 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def check_sampling(temp: float, top_p: float, top_k: int, min_p: float,
-                   presence_penalty: float = 0.0, repetition_penalty: Optional[float] = None) -> None:
+def check_sampling(
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    presence_penalty: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+) -> None:
     """Raise ValueError (one line) for out-of-range sampling parameters."""
     if not temp >= 0:
         raise ValueError(f"temperature must be >= 0, got {temp}")
@@ -62,10 +68,13 @@ def check_sampling(temp: float, top_p: float, top_k: int, min_p: float,
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
-def make_logits_processors(prompt_len: int, presence_penalty: float = 0.0,
-                           repetition_penalty: Optional[float] = None,
-                           repetition_context_size: int = 20,
-                           presence_context_size: int = DEFAULT_MAX_TOKENS) -> List[LogitsProcessor]:
+def make_logits_processors(
+    prompt_len: int,
+    presence_penalty: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    presence_context_size: int = DEFAULT_MAX_TOKENS,
+) -> List[LogitsProcessor]:
     """mlx-lm's penalty processors, fed the right tokens.
 
     The presence penalty (OpenAI semantics, as the model card means it) counts the
@@ -93,8 +102,9 @@ def filter_logprobs(logprobs: mx.array, top_p: float = 1.0, top_k: int = 0, min_
     return logprobs
 
 
-def sampling_distribution(logprobs: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0,
-                          min_p: float = 0.0) -> mx.array:
+def sampling_distribution(
+    logprobs: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> mx.array:
     """The distribution mlx-lm's ``make_sampler(temp, top_p, min_p, top_k=top_k)`` samples from.
 
     mlx-lm filters the log-probabilities (:func:`filter_logprobs`) and then draws

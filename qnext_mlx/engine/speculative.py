@@ -55,6 +55,7 @@ MAX_DRAFT_TOKENS = 4
 # Drafts per step when not asked (see scripts/bench_mtp.py for the measurements).
 DEFAULT_NUM_DRAFT_TOKENS = 2
 
+
 # ------------------------------------------------------------------ defaults
 def mtp_available(model) -> bool:
     """True when ``model`` has an MTP head."""
@@ -136,8 +137,9 @@ class MTPDecoding:
             raise ValueError(f"num_draft_tokens must be in 1..{MAX_DRAFT_TOKENS}, got {self.num_draft_tokens}")
 
 
-def accept_drafts(target: mx.array, draft: Optional[mx.array], drafts: mx.array,
-                  greedy: bool) -> Tuple[mx.array, mx.array]:
+def accept_drafts(
+    target: mx.array, draft: Optional[mx.array], drafts: mx.array, greedy: bool
+) -> Tuple[mx.array, mx.array]:
     """Speculative acceptance on the device (any leading batch axes ``...``).
 
     Args:
@@ -373,8 +375,15 @@ def speculative_generate_tokens(
     with mx.stream(stream):
         for stop in sorted(set(checkpoint_at)) + [len(prompt) - 1]:
             if cache.offset < stop <= len(prompt) - 1:
-                if not prefill(model, cache, prompt[cache.offset : stop], prefill_step_size, progress,
-                               on_hidden=on_prefill_hidden, should_stop=should_stop):
+                if not prefill(
+                    model,
+                    cache,
+                    prompt[cache.offset : stop],
+                    prefill_step_size,
+                    progress,
+                    on_hidden=on_prefill_hidden,
+                    should_stop=should_stop,
+                ):
                     return
                 cache.keep_checkpoint()
         logits, h = forward(model, cache, mx.array([prompt[-1:]], dtype=mx.int32), return_hidden=True)
@@ -399,7 +408,7 @@ def speculative_generate_tokens(
         with mx.stream(stream):
             if last is not None and in_step < last[3]:
                 captured, base, kept, n_out = last
-                del known[len(known) - (n_out - in_step):]
+                del known[len(known) - (n_out - in_step) :]
                 y = None  # a pending token is the step's last one, not yielded
                 if in_step + 1 < kept:
                     rollback(cache, captured, base, in_step + 1)
@@ -429,8 +438,9 @@ def speculative_generate_tokens(
                         d_logits, g = feed.run(feed.pending())  # ends with the pair (h_{M-1}, y)
                         for i in range(k):
                             if i:
-                                d_logits, g = model.mtp_forward(g, drafts[-1][None], cache=cache.mtp,
-                                                                return_hidden=True)
+                                d_logits, g = model.mtp_forward(
+                                    g, drafts[-1][None], cache=cache.mtp, return_hidden=True
+                                )
                             d, q = sample(logprobs_of(d_logits[:, -1], hists[-1]))
                             drafts.append(d)
                             draft_q.append(q)

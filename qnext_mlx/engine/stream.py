@@ -114,9 +114,9 @@ def stream_generate(
         mtp: speculative decoding with the model's MTP head (same output; greedy:
             token for token, sampling: in distribution). None: on when the model has
             an MTP head, no ``sampler`` is given and MTP is faster on this backend
-            (:func:`qnext_mlx.speculative.mtp_default`).
+            (:func:`qnext_mlx.engine.speculative.mtp_default`).
         num_draft_tokens: MTP drafts per step, 1..4 (default
-            :data:`qnext_mlx.speculative.DEFAULT_NUM_DRAFT_TOKENS`).
+            :data:`qnext_mlx.engine.speculative.DEFAULT_NUM_DRAFT_TOKENS`).
         should_stop: called between prefill chunks and after every generated token
             (when the consumer asks for the next response); True ends the generation
             with ``finish_reason`` "cancelled". Stopped during the prefill, the one
@@ -141,8 +141,9 @@ def stream_generate(
     if sampler is None:
         sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     if logits_processors is None:
-        logits_processors = make_logits_processors(len(ids), presence_penalty, repetition_penalty,
-                                                   presence_context_size=max_tokens)
+        logits_processors = make_logits_processors(
+            len(ids), presence_penalty, repetition_penalty, presence_context_size=max_tokens
+        )
     stops = [s for s in (stop_strings or []) if s]
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer
@@ -150,10 +151,19 @@ def stream_generate(
 
     tic = time.perf_counter()
     cached = cache.reuse(ids)
-    tokens = generate_tokens(model, cache, ids, max_tokens=max_tokens,
-                             logits_processors=logits_processors, prefill_step_size=prefill_step_size,
-                             progress=progress, checkpoint_at=checkpoint_at,
-                             sampler=None if decoding else sampler, mtp=decoding, should_stop=should_stop)
+    tokens = generate_tokens(
+        model,
+        cache,
+        ids,
+        max_tokens=max_tokens,
+        logits_processors=logits_processors,
+        prefill_step_size=prefill_step_size,
+        progress=progress,
+        checkpoint_at=checkpoint_at,
+        sampler=None if decoding else sampler,
+        mtp=decoding,
+        should_stop=should_stop,
+    )
     pending = ""  # text held back because it may be the start of a stop string
     prompt_tps = 0.0
     n = 0
@@ -163,10 +173,17 @@ def stream_generate(
         elapsed = time.perf_counter() - tic
         stats = decoding.stats if decoding else None
         return GenerationResponse(
-            text=text, token=token, logprobs=logprobs, from_draft=bool(stats and stats.from_draft),
-            prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
-            generation_tps=n / elapsed if elapsed > 0 else 0.0, peak_memory=peak_memory_gb(),
-            finish_reason=finish, cached_tokens=cached,
+            text=text,
+            token=token,
+            logprobs=logprobs,
+            from_draft=bool(stats and stats.from_draft),
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / elapsed if elapsed > 0 else 0.0,
+            peak_memory=peak_memory_gb(),
+            finish_reason=finish,
+            cached_tokens=cached,
             draft_tokens=decoding.num_draft_tokens if decoding else 0,
             acceptance_rate=stats.acceptance_rate if stats else None,
             mean_accepted_length=stats.mean_accepted_length if stats else None,
@@ -212,8 +229,16 @@ def stream_generate(
             tokens.close()
 
 
-def mtp_decoding(model, mtp: Optional[bool], num_draft_tokens: Optional[int], sampler, temp: float,
-                  top_p: float, top_k: int, min_p: float):
+def mtp_decoding(
+    model,
+    mtp: Optional[bool],
+    num_draft_tokens: Optional[int],
+    sampler,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+):
     """The :class:`~qnext_mlx.engine.speculative.MTPDecoding` for :func:`stream_generate`, or None
     (plain decoding): ``mtp`` None means :func:`~qnext_mlx.engine.speculative.mtp_default`."""
     if num_draft_tokens is not None and not 1 <= num_draft_tokens <= speculative.MAX_DRAFT_TOKENS:
@@ -228,7 +253,10 @@ def mtp_decoding(model, mtp: Optional[bool], num_draft_tokens: Optional[int], sa
         raise ValueError("MTP decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
     return speculative.MTPDecoding(
         num_draft_tokens=num_draft_tokens or speculative.DEFAULT_NUM_DRAFT_TOKENS,
-        temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
     )
 
 

@@ -107,7 +107,8 @@ class ThinkFilter:
                 self._buf = self._buf[len(ready) :]
                 self._add(out, ready)
                 break
-            self._add(out, self._buf[:i])
+            before = self._buf[:i]
+            self._add(out, before.rstrip() if self.inside else before)
             if self.inside:
                 self._strip = True
             else:

@@ -37,8 +37,7 @@ PREFILL_BLOCK = 128
 MIN_ROWS = 64
 
 
-def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                     block: int = PREFILL_BLOCK) -> mx.array:
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, block: int = PREFILL_BLOCK) -> mx.array:
     """Causal softmax attention with the queries at the end of the keys.
 
     Args:
@@ -72,7 +71,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
             kb = kt if end == S else mx.contiguous(kt[..., :end])
             vb = v if end == S else mx.contiguous(v[:, :, :end])
             scores = (qg[:, :, :, q0:q1].reshape(B, Hk, rep * n, D) @ kb).reshape(B, Hk, rep, n, end)
-            visible = (mx.arange(off + q0, off + q1)[:, None] >= mx.arange(end)[None])
+            visible = mx.arange(off + q0, off + q1)[:, None] >= mx.arange(end)[None]
             scores = mx.where(visible, scores, mx.array(-mx.inf, scores.dtype))
             p = mx.softmax(scores, axis=-1, precise=True).reshape(B, Hk, rep * n, end)
             outs[q0] = (p @ vb).reshape(B, Hk, rep, n, D)
@@ -80,8 +79,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
     return out.reshape(B, Hq, L, D)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float,
-              mask: Optional[Any]) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, mask: Optional[Any]) -> mx.array:
     """Drop-in for ``mlx_lm.models.base.scaled_dot_product_attention``.
 
     Causal prefill on the CPU device with a plain KV cache goes through
@@ -89,7 +87,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float,
     quantized KV caches, Metal) through mlx-lm's function.
     """
     if (
-        isinstance(mask, str) and mask == "causal"
+        isinstance(mask, str)
+        and mask == "causal"
         and q.shape[2] >= MIN_ROWS
         and not hasattr(cache, "bits")
         and mx.default_device() == mx.cpu

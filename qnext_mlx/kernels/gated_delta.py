@@ -25,9 +25,7 @@ import mlx.nn as nn
 from .gated_delta_chunked import gated_delta_chunked
 
 
-def compute_decay_beta(
-    a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array
-) -> Tuple[mx.array, mx.array]:
+def compute_decay_beta(a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array) -> Tuple[mx.array, mx.array]:
     """Decay ``g = exp(-exp(A_log) * softplus(a + dt_bias))`` and ``beta = sigmoid(b)``.
 
     Args:

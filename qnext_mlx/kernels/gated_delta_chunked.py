@@ -62,6 +62,7 @@ _MAX_CHUNKS_PER_SEGMENT = 64
 # model's layer: 32 * 128 * 128 = 2**19).
 _MIN_STATE_FOR_LANES = 2**18
 
+
 def _unit_lower_inverse(a: mx.array, method: str) -> mx.array:
     """Inverse of a batch of unit lower-triangular matrices ``[..., C, C]``.
 
@@ -144,17 +145,13 @@ def _prepare(
     kcr = mx.expand_dims(kc, 3)  # [NC, B, Hk, 1, C, Dk]
     # Rows [Gamma q; -beta Gamma k]: one GEMM against S gives both the
     # inter-chunk output and the (negated) state prediction of v.
-    qk_dec = mx.concatenate(
-        [mx.expand_dims(qc, 3) * eg, kcr * (-(bc[..., None]) * eg)], axis=-2
-    )
+    qk_dec = mx.concatenate([mx.expand_dims(qc, 3) * eg, kcr * (-(bc[..., None]) * eg)], axis=-2)
     v_beta = vc * bc[..., None]
     k_dec = kcr * mx.exp(gam[..., -1:] - gam)[..., None]  # k * Gamma_C / Gamma_i
     g_last = mx.exp(gam[..., -1])[..., None, None]  # [NC, B, Hk, rep, 1, 1]
 
     def per_v(x):
-        return mx.broadcast_to(x, (NC, B, Hk, rep) + x.shape[-2:]).reshape(
-            NC, B, Hv, x.shape[-2], x.shape[-1]
-        )
+        return mx.broadcast_to(x, (NC, B, Hk, rep) + x.shape[-2:]).reshape(NC, B, Hv, x.shape[-2], x.shape[-1])
 
     return {
         "qk_dec": per_v(qk_dec),  # [NC, B, Hv, 2C, Dk]
@@ -208,8 +205,13 @@ def _scan(q, k, v, lg, beta, s, C: int, inverse: str, lanes: int):
             with ctx():
                 plans.append(
                     _prepare(
-                        q[:, t0:t1, h0:h1], k[:, t0:t1, h0:h1], v[:, t0:t1, v0:v1],
-                        lg[:, t0:t1, v0:v1], beta[:, t0:t1, v0:v1], C, inverse,
+                        q[:, t0:t1, h0:h1],
+                        k[:, t0:t1, h0:h1],
+                        v[:, t0:t1, v0:v1],
+                        lg[:, t0:t1, v0:v1],
+                        beta[:, t0:t1, v0:v1],
+                        C,
+                        inverse,
                     )  # fmt: skip
                 )
         NC = plans[0]["g_last"].shape[0]

@@ -64,17 +64,30 @@ def use_dense_path(rows: int) -> bool:
     return rows >= MIN_DENSE_ROWS and mx.default_device() == mx.cpu
 
 
-def dequantized(weight: mx.array, scales: mx.array, biases: Optional[mx.array],
-                group_size: int, bits: int, mode: str = "affine", dtype=None) -> mx.array:
+def dequantized(
+    weight: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array],
+    group_size: int,
+    bits: int,
+    mode: str = "affine",
+    dtype=None,
+) -> mx.array:
     """Float weight ``[..., out, in]`` of a quantized one (``mx.dequantize``), in ``dtype``
     (default: the scales' dtype, as ``mx.quantized_matmul`` computes)."""
     w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits, mode=mode)
     return w if dtype is None or w.dtype == dtype else w.astype(dtype)
 
 
-def dense_matmul(x: mx.array, weight: mx.array, scales: Optional[mx.array] = None,
-                 biases: Optional[mx.array] = None, group_size: int = 64, bits: int = 4,
-                 mode: str = "affine") -> mx.array:
+def dense_matmul(
+    x: mx.array,
+    weight: mx.array,
+    scales: Optional[mx.array] = None,
+    biases: Optional[mx.array] = None,
+    group_size: int = 64,
+    bits: int = 4,
+    mode: str = "affine",
+) -> mx.array:
     """``x @ W.T`` as plain row-major GEMMs, for float or quantized ``W``.
 
     Args:
@@ -102,9 +115,14 @@ def dense_matmul(x: mx.array, weight: mx.array, scales: Optional[mx.array] = Non
         with contexts[i % len(contexts)]:
             w = weight[o0 : o0 + tile]
             if scales is not None:
-                w = dequantized(w, scales[o0 : o0 + tile],
-                                None if biases is None else biases[o0 : o0 + tile],
-                                group_size, bits, mode)
+                w = dequantized(
+                    w,
+                    scales[o0 : o0 + tile],
+                    None if biases is None else biases[o0 : o0 + tile],
+                    group_size,
+                    bits,
+                    mode,
+                )
             # [in, tile] row-major: the fast (non-transposed B) case of the BLAS.
             parts.append(x2 @ mx.contiguous(w.T))
     y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
@@ -116,25 +134,40 @@ def dense_matmul(x: mx.array, weight: mx.array, scales: Optional[mx.array] = Non
 MIN_SPLIT_OUTPUTS = 1024
 
 
-def split_quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
-                           group_size: int, bits: int, mode: str = "affine") -> mx.array:
+def split_quantized_matmul(
+    x: mx.array,
+    weight: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array],
+    group_size: int,
+    bits: int,
+    mode: str = "affine",
+) -> mx.array:
     """``mx.quantized_matmul(x, W, transpose=True)`` with the output features
     split over the CPU lanes (decode: the kernel is compute-bound on the CPU
     and single-threaded). One plain call with one lane or a narrow ``W``."""
     lanes = cpu_lanes()
     out_dims = weight.shape[0]
     if lanes <= 1 or out_dims < MIN_SPLIT_OUTPUTS:
-        return mx.quantized_matmul(x, weight, scales, biases, transpose=True,
-                                   group_size=group_size, bits=bits, mode=mode)
+        return mx.quantized_matmul(
+            x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+        )
     step = -(-out_dims // lanes)
     parts = []
     for ctx, o0 in zip(lane_contexts(lanes), range(0, out_dims, step)):
         with ctx:
-            parts.append(mx.quantized_matmul(
-                x, weight[o0 : o0 + step], scales[o0 : o0 + step],
-                None if biases is None else biases[o0 : o0 + step],
-                transpose=True, group_size=group_size, bits=bits, mode=mode,
-            ))
+            parts.append(
+                mx.quantized_matmul(
+                    x,
+                    weight[o0 : o0 + step],
+                    scales[o0 : o0 + step],
+                    None if biases is None else biases[o0 : o0 + step],
+                    transpose=True,
+                    group_size=group_size,
+                    bits=bits,
+                    mode=mode,
+                )
+            )
     return mx.concatenate(parts, axis=-1)
 
 
@@ -154,11 +187,13 @@ class FastQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
         if self.mode == "affine" and use_dense_path(rows):
-            y = dense_matmul(x, self["weight"], self["scales"], self.get("biases"),
-                             self.group_size, self.bits, self.mode)
+            y = dense_matmul(
+                x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, self.mode
+            )
         else:
-            y = split_quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
-                                       self.group_size, self.bits, self.mode)
+            y = split_quantized_matmul(
+                x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, self.mode
+            )
         return y + self["bias"] if "bias" in self else y
 
 

@@ -66,7 +66,7 @@ def gated_delta_decode_reference(
     if conv_state is None:
         conv_state = mx.zeros((B, K - 1, CD), dtype=mixed_qkv.dtype)
     conv_in = mx.concatenate([conv_state.astype(mixed_qkv.dtype), mixed_qkv], axis=1)
-    new_conv_state = conv_in[:, -(K - 1):, :]
+    new_conv_state = conv_in[:, -(K - 1) :, :]
     conv_out = nn.silu(mx.conv1d(conv_in, conv_weight, groups=CD))
     q, k, v = mx.split(conv_out, [Hk * Dk, 2 * Hk * Dk], axis=-1)
     q, k = normalize_qk(q.reshape(B, T, Hk, Dk), k.reshape(B, T, Hk, Dk))
@@ -131,9 +131,17 @@ def gdn_decode_call(
         T,
     ]
     template = [
-        ("InT", in_t), ("CT", conv_t),
-        ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("K", K),
-        ("TMax", _next_pow2(T)), ("RPS", rps), ("NSG", nsg), ("SaveStates", bool(return_all_states)),
+        ("InT", in_t),
+        ("CT", conv_t),
+        ("Dk", Dk),
+        ("Dv", Dv),
+        ("Hk", Hk),
+        ("Hv", Hv),
+        ("K", K),
+        ("TMax", _next_pow2(T)),
+        ("RPS", rps),
+        ("NSG", nsg),
+        ("SaveStates", bool(return_all_states)),
     ]
     states_shape = (B, T, Hv, Dv, Dk) if return_all_states else (1,)
     return dict(
@@ -146,8 +154,9 @@ def gdn_decode_call(
     )
 
 
-def gdn_decode_supported(mixed_qkv: mx.array, a: mx.array, *, num_k_heads: int, head_k_dim: int,
-                         head_v_dim: int) -> bool:
+def gdn_decode_supported(
+    mixed_qkv: mx.array, a: mx.array, *, num_k_heads: int, head_k_dim: int, head_v_dim: int
+) -> bool:
     """Whether the decode kernel handles these shapes (otherwise use the reference)."""
     B, T, CD = mixed_qkv.shape
     Hv = a.shape[-1]
@@ -164,7 +173,9 @@ def gdn_decode_supported(mixed_qkv: mx.array, a: mx.array, *, num_k_heads: int, 
 def run_gdn_decode_kernel(factory: KernelFactory, *args, return_all_states: bool = False, **kw):
     """Run the decode kernel through ``factory`` (no verification, no fallback)."""
     call = gdn_decode_call(*args, return_all_states=return_all_states, **kw)
-    kernel = registry.kernel_object(factory, "gdn_decode.metal", "qnext_gdn_decode", GDN_DECODE_INPUTS, GDN_DECODE_OUTPUTS)
+    kernel = registry.kernel_object(
+        factory, "gdn_decode.metal", "qnext_gdn_decode", GDN_DECODE_INPUTS, GDN_DECODE_OUTPUTS
+    )
     y, conv_state, state, states = kernel(**call)
     if return_all_states:
         return y, conv_state, state, states
@@ -221,21 +232,41 @@ def gated_delta_decode(
     if factory is None and registry.metal_available():
         factory, verify = mx.fast.metal_kernel, True
     if factory is None or not gdn_decode_supported(mixed_qkv, a, **kw):
-        return gated_delta_decode_reference(mixed_qkv, conv_weight, conv_state, a, b, A_log, dt_bias,
-                                            state, return_all_states=return_all_states, **kw)
+        return gated_delta_decode_reference(
+            mixed_qkv, conv_weight, conv_state, a, b, A_log, dt_bias, state, return_all_states=return_all_states, **kw
+        )
     if verify:
-        config = (str(mixed_qkv.dtype), str(conv_weight.dtype), head_k_dim, head_v_dim, K,
-                  Hv // num_k_heads)
+        config = (str(mixed_qkv.dtype), str(conv_weight.dtype), head_k_dim, head_v_dim, K, Hv // num_k_heads)
         if not registry.is_verified("gdn_decode", config, factory):
-            return gated_delta_decode_reference(mixed_qkv, conv_weight, conv_state, a, b, A_log,
-                                                dt_bias, state, return_all_states=return_all_states, **kw)
+            return gated_delta_decode_reference(
+                mixed_qkv,
+                conv_weight,
+                conv_state,
+                a,
+                b,
+                A_log,
+                dt_bias,
+                state,
+                return_all_states=return_all_states,
+                **kw,
+            )
     if conv_state is None:
         conv_state = mx.zeros((B, K - 1, CD), dtype=mixed_qkv.dtype)
     if state is None:
         state = mx.zeros((B, Hv, head_v_dim, head_k_dim), dtype=mx.float32)
-    return run_gdn_decode_kernel(factory, mixed_qkv, conv_weight, conv_state, a, b, A_log, dt_bias,
-                                 state, return_all_states=return_all_states, **kw)
-
+    return run_gdn_decode_kernel(
+        factory,
+        mixed_qkv,
+        conv_weight,
+        conv_state,
+        a,
+        b,
+        A_log,
+        dt_bias,
+        state,
+        return_all_states=return_all_states,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -246,8 +277,9 @@ GDN_PREFILL_INPUTS = ["q", "k", "v", "g", "beta", "state_in", "T"]
 GDN_PREFILL_OUTPUTS = ["y", "state_out"]
 
 
-def gdn_prefill_call(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
-                     state: mx.array) -> Dict[str, Any]:
+def gdn_prefill_call(
+    q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array
+) -> Dict[str, Any]:
     """Call description of the chunked prefill kernel (shapes as in :func:`gated_delta_prefill`)."""
     B, T, Hk, Dk = k.shape
     Hv, Dv = v.shape[2], v.shape[3]
@@ -266,13 +298,21 @@ def gdn_prefill_supported(q: mx.array, k: mx.array, v: mx.array) -> bool:
     """Whether the prefill kernel handles these shapes."""
     B, T, Hk, Dk = k.shape
     Hv, Dv = v.shape[2], v.shape[3]
-    return (T >= 1 and Dk % 8 == 0 and Dk <= 256 and Dv % 8 == 0 and Hv % Hk == 0
-            and v.dtype in (mx.float32, mx.float16, mx.bfloat16))
+    return (
+        T >= 1
+        and Dk % 8 == 0
+        and Dk <= 256
+        and Dv % 8 == 0
+        and Hv % Hk == 0
+        and v.dtype in (mx.float32, mx.float16, mx.bfloat16)
+    )
 
 
 def run_gdn_prefill_kernel(factory: KernelFactory, q, k, v, g, beta, state):
     """Run the prefill kernel through ``factory`` (no verification, no fallback)."""
-    kernel = registry.kernel_object(factory, "gdn_prefill.metal", "qnext_gdn_prefill", GDN_PREFILL_INPUTS, GDN_PREFILL_OUTPUTS)
+    kernel = registry.kernel_object(
+        factory, "gdn_prefill.metal", "qnext_gdn_prefill", GDN_PREFILL_INPUTS, GDN_PREFILL_OUTPUTS
+    )
     y, new_state = kernel(**gdn_prefill_call(q, k, v, g, beta, state))
     return y, new_state
 
@@ -318,8 +358,10 @@ def gated_delta_prefill(
 # Verification on small random problems (first use, and the doctor)
 # ---------------------------------------------------------------------------
 
-def _decode_inputs(dtype: Any, w_dtype: Any, Dk: int, Dv: int, K: int, ratio: int, T: int = 3,
-                   seed: int = 0) -> Tuple[List[mx.array], Dict[str, int]]:
+
+def _decode_inputs(
+    dtype: Any, w_dtype: Any, Dk: int, Dv: int, K: int, ratio: int, T: int = 3, seed: int = 0
+) -> Tuple[List[mx.array], Dict[str, int]]:
     """A small random decode problem (B=1, Hk=1, Hv=ratio) with the given per-head sizes."""
     Hk, Hv = 1, ratio
     CD = 2 * Hk * Dk + Hv * Dv
@@ -337,14 +379,14 @@ def _decode_inputs(dtype: Any, w_dtype: Any, Dk: int, Dv: int, K: int, ratio: in
     return args, dict(num_k_heads=Hk, head_k_dim=Dk, head_v_dim=Dv)
 
 
-def _prefill_inputs(dtype: Any, Dk: int, Dv: int, ratio: int, T: int = 37,
-                    seed: int = 0) -> List[mx.array]:
+def _prefill_inputs(dtype: Any, Dk: int, Dv: int, ratio: int, T: int = 37, seed: int = 0) -> List[mx.array]:
     """A small random prefill problem (B=1, Hk=1, Hv=ratio; T=37: two full chunks and a partial one)."""
     Hv = ratio
     keys = mx.random.split(mx.random.key(seed), 6)
     q, k = normalize_qk(mx.random.normal((1, T, 1, Dk), key=keys[0]), mx.random.normal((1, T, 1, Dk), key=keys[1]))
     return [
-        q, k,
+        q,
+        k,
         mx.random.normal((1, T, Hv, Dv), key=keys[2]).astype(dtype),
         mx.random.uniform(0.7, 1.0, (1, T, Hv), key=keys[3]),
         mx.random.uniform(0.0, 1.0, (1, T, Hv), key=keys[4]),
@@ -367,7 +409,9 @@ def _verify_gdn_decode(factory: registry.KernelFactory, config: Optional[Tuple])
     # 16-bit inputs: the conv output is rounded to 16 bits in both paths, but
     # not always to the same neighbour (and y is a 16-bit value), so allow a
     # few 16-bit ulps.
-    return registry.compare_outputs(["y", "conv_state", "state", "states"], got, ref, 1e-4 if dtype == mx.float32 else 3e-2)
+    return registry.compare_outputs(
+        ["y", "conv_state", "state", "states"], got, ref, 1e-4 if dtype == mx.float32 else 3e-2
+    )
 
 
 def _verify_gdn_prefill(factory: registry.KernelFactory, config: Optional[Tuple]) -> Tuple[bool, float, str]:

@@ -68,10 +68,31 @@ logger = logging.getLogger(__name__)
 KERNEL_NAME = "moe_decode"
 REFERENCE_NAME = "gather_qmm"
 MOE_INPUTS = [
-    "x", "inds", "scores", "hin",
-    "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b", "down_w", "down_s", "down_b",
-    "sgate_w", "sgate_s", "sgate_b", "sup_w", "sup_s", "sup_b", "sdown_w", "sdown_s", "sdown_b",
-    "egate_w", "egate_s", "egate_b",
+    "x",
+    "inds",
+    "scores",
+    "hin",
+    "gate_w",
+    "gate_s",
+    "gate_b",
+    "up_w",
+    "up_s",
+    "up_b",
+    "down_w",
+    "down_s",
+    "down_b",
+    "sgate_w",
+    "sgate_s",
+    "sgate_b",
+    "sup_w",
+    "sup_s",
+    "sup_b",
+    "sdown_w",
+    "sdown_s",
+    "sdown_b",
+    "egate_w",
+    "egate_s",
+    "egate_b",
 ]
 MOE_OUTPUTS = ["out"]
 # Rows per simdgroup and simdgroups per threadgroup (as MLX's qmv kernels: 4 rows, 2 simdgroups).
@@ -111,8 +132,7 @@ def _affine(m: nn.Module) -> Optional[Tuple[int, int]]:
 
 def _parts(block: nn.Module) -> Tuple[nn.Module, ...]:
     sw, se = block.switch_mlp, block.shared_expert
-    return (sw.gate_proj, sw.up_proj, sw.down_proj, se.gate_proj, se.up_proj, se.down_proj,
-            block.shared_expert_gate)
+    return (sw.gate_proj, sw.up_proj, sw.down_proj, se.gate_proj, se.up_proj, se.down_proj, block.shared_expert_gate)
 
 
 def _make_spec(block: nn.Module, parts: Tuple[nn.Module, ...]) -> Optional[MoeSpec]:
@@ -131,16 +151,24 @@ def _make_spec(block: nn.Module, parts: Tuple[nn.Module, ...]) -> Optional[MoeSp
 
     def shape_ok(p: nn.Module, qv: Tuple[int, int], lead: Tuple[int, ...], out: int, inp: int) -> bool:
         bits, gs = qv
-        return (inp % gs == 0 and tuple(p["weight"].shape) == (*lead, out, inp * bits // 32)
-                and tuple(p["scales"].shape) == (*lead, out, inp // gs)
-                and tuple(p["biases"].shape) == (*lead, out, inp // gs))
+        return (
+            inp % gs == 0
+            and tuple(p["weight"].shape) == (*lead, out, inp * bits // 32)
+            and tuple(p["scales"].shape) == (*lead, out, inp // gs)
+            and tuple(p["biases"].shape) == (*lead, out, inp // gs)
+        )
 
     ok = (
-        shape_ok(gate, q[0], (E,), I, H) and shape_ok(up, q[1], (E,), I, H)
+        shape_ok(gate, q[0], (E,), I, H)
+        and shape_ok(up, q[1], (E,), I, H)
         and shape_ok(down, q[2], (E,), H, I)
-        and shape_ok(sgate, q[3], (), SI, H) and shape_ok(sup, q[4], (), SI, H)
-        and shape_ok(sdown, q[5], (), H, SI) and shape_ok(egate, q[6], (), 1, H)
-        and H % RPS == 0 and I % RPS == 0 and SI % RPS == 0
+        and shape_ok(sgate, q[3], (), SI, H)
+        and shape_ok(sup, q[4], (), SI, H)
+        and shape_ok(sdown, q[5], (), H, SI)
+        and shape_ok(egate, q[6], (), 1, H)
+        and H % RPS == 0
+        and I % RPS == 0
+        and SI % RPS == 0
     )
     if not ok:
         return None
@@ -170,8 +198,7 @@ def _weights(block: nn.Module) -> List[mx.array]:
     """The 21 quantized arrays in MOE_INPUTS order (weight, scales, biases per linear)."""
     sw, se = block.switch_mlp, block.shared_expert
     arrays = []
-    for p in (sw.gate_proj, sw.up_proj, sw.down_proj, se.gate_proj, se.up_proj, se.down_proj,
-              block.shared_expert_gate):
+    for p in (sw.gate_proj, sw.up_proj, sw.down_proj, se.gate_proj, se.up_proj, se.down_proj, block.shared_expert_gate):
         arrays += [p["weight"], p["scales"], p["biases"]]
     return arrays
 
@@ -180,15 +207,28 @@ def _out_dtype(block: nn.Module, x: mx.array) -> Any:
     """The reference's output dtype: the routed sum is cast to x's dtype; the shared
     expert's products promote x with their scales' dtypes."""
     se = block.shared_expert
-    return mx.result_type(x.dtype, se.gate_proj["scales"].dtype, se.up_proj["scales"].dtype,
-                          se.down_proj["scales"].dtype, block.shared_expert_gate["scales"].dtype)
+    return mx.result_type(
+        x.dtype,
+        se.gate_proj["scales"].dtype,
+        se.up_proj["scales"].dtype,
+        se.down_proj["scales"].dtype,
+        block.shared_expert_gate["scales"].dtype,
+    )
 
 
 _DUMMY: List[mx.array] = []
 
 
-def moe_decode_call(spec: MoeSpec, weights: List[mx.array], x: mx.array, inds: mx.array, scores: mx.array,
-                    stage: int, hin: Optional[mx.array] = None, out_dtype: Any = mx.float32) -> dict:
+def moe_decode_call(
+    spec: MoeSpec,
+    weights: List[mx.array],
+    x: mx.array,
+    inds: mx.array,
+    scores: mx.array,
+    stage: int,
+    hin: Optional[mx.array] = None,
+    out_dtype: Any = mx.float32,
+) -> dict:
     """Call description of one stage of the kernel (keyword arguments for the kernel object).
 
     Args:
@@ -205,10 +245,23 @@ def moe_decode_call(spec: MoeSpec, weights: List[mx.array], x: mx.array, inds: m
             _DUMMY.append(mx.zeros((1,), mx.float32))
         hin = _DUMMY[0]
     template = [
-        ("OutT", out_dtype if stage == 1 else mx.float32), ("Stage", stage),
-        ("HID", H), ("INTER", I), ("SINTER", SI), ("TOPK", k), ("RPS", RPS),
-        ("RB", rb), ("RG", rg), ("DB", db), ("DG", dg), ("SB", sb), ("SG", sg),
-        ("SDB", sdb), ("SDG", sdg), ("EB", eb), ("EG", eg),
+        ("OutT", out_dtype if stage == 1 else mx.float32),
+        ("Stage", stage),
+        ("HID", H),
+        ("INTER", I),
+        ("SINTER", SI),
+        ("TOPK", k),
+        ("RPS", RPS),
+        ("RB", rb),
+        ("RG", rg),
+        ("DB", db),
+        ("DG", dg),
+        ("SB", sb),
+        ("SG", sg),
+        ("SDB", sdb),
+        ("SDG", sdg),
+        ("EB", eb),
+        ("EG", eg),
     ]
     if stage == 0:
         grid = (32, -(-max(I, SI) // RPS), T * (k + 1))
@@ -226,8 +279,9 @@ def moe_decode_call(spec: MoeSpec, weights: List[mx.array], x: mx.array, inds: m
     )
 
 
-def run_moe_decode_kernel(factory: registry.KernelFactory, block: nn.Module, x: mx.array, inds: mx.array,
-                          scores: mx.array) -> mx.array:
+def run_moe_decode_kernel(
+    factory: registry.KernelFactory, block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array
+) -> mx.array:
     """The routed experts, weighted sum and shared expert through the kernel (no checks, no fallback).
 
     Args:
@@ -302,12 +356,24 @@ def _parse_quant(text: str) -> Tuple[Tuple[int, int], ...]:
 
 def _correctness_config(block: nn.Module, spec: MoeSpec, x: mx.array) -> Tuple:
     """``(x dtype, scales dtype, quant string, top-k)``: what the small-input verification depends on."""
-    return (_dtype_name(x.dtype), _dtype_name(block.switch_mlp.gate_proj["scales"].dtype),
-            quant_string(spec.quant), spec.top_k)
+    return (
+        _dtype_name(x.dtype),
+        _dtype_name(block.switch_mlp.gate_proj["scales"].dtype),
+        quant_string(spec.quant),
+        spec.top_k,
+    )
 
 
-def _timed_choice(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array,
-                  factory: registry.KernelFactory, timer: Timer, key: Tuple, error: float) -> registry.KernelCheck:
+def _timed_choice(
+    block: nn.Module,
+    x: mx.array,
+    inds: mx.array,
+    scores: mx.array,
+    factory: registry.KernelFactory,
+    timer: Timer,
+    key: Tuple,
+    error: float,
+) -> registry.KernelCheck:
     """Time kernel and reference on the real inputs; the kernel is chosen only if faster."""
     mx.eval(x, inds, scores)  # time the MoE only, not what produced its inputs
     try:
@@ -326,9 +392,15 @@ def _timed_choice(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.arra
     return registry.KernelCheck(False, error, detail)
 
 
-def moe_decode(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array, *,
-               kernel_factory: Optional[registry.KernelFactory] = None,
-               timer: Optional[Timer] = None) -> Optional[mx.array]:
+def moe_decode(
+    block: nn.Module,
+    x: mx.array,
+    inds: mx.array,
+    scores: mx.array,
+    *,
+    kernel_factory: Optional[registry.KernelFactory] = None,
+    timer: Optional[Timer] = None,
+) -> Optional[mx.array]:
     """The block's decode output through the kernel, or None where the caller must run the reference.
 
     Args:
@@ -364,8 +436,9 @@ def moe_decode(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array, 
             return None
         key = config + (f"H={spec.hidden} I={spec.inter} SI={spec.shared_inter} E={spec.num_experts} T={T}",)
         error = registry.recorded_check(KERNEL_NAME, config).max_error
-        check = registry.decide_once(KERNEL_NAME, key, lambda: _timed_choice(
-            block, x, inds, scores, factory, timer or time_us, key, error))
+        check = registry.decide_once(
+            KERNEL_NAME, key, lambda: _timed_choice(block, x, inds, scores, factory, timer or time_us, key, error)
+        )
         if not check.ok:
             return None
     return run_moe_decode_kernel(factory, block, x, inds, scores)
@@ -380,15 +453,21 @@ def moe_decode(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array, 
 DEFAULT_CONFIG = ("bfloat16", "bfloat16", "4/64,4/64,4/64,4/64,8/64", 10)
 
 
-def quantize_moe_block(block: nn.Module, quant: Tuple[Tuple[int, int], ...], scales_dtype: Any = mx.float32) -> nn.Module:
+def quantize_moe_block(
+    block: nn.Module, quant: Tuple[Tuple[int, int], ...], scales_dtype: Any = mx.float32
+) -> nn.Module:
     """Quantize a block with ``SparseMoeBlock``'s layout in place as ``quant`` (see
     :class:`MoeSpec`), scales in ``scales_dtype``; the router stays float (the kernel
     takes the routing as input). Returns ``block`` with its parameters evaluated."""
     block.set_dtype(scales_dtype)
     by_path = {
-        "switch_mlp.gate_proj": quant[0], "switch_mlp.up_proj": quant[0], "switch_mlp.down_proj": quant[1],
-        "shared_expert.gate_proj": quant[2], "shared_expert.up_proj": quant[2],
-        "shared_expert.down_proj": quant[3], "shared_expert_gate": quant[4],
+        "switch_mlp.gate_proj": quant[0],
+        "switch_mlp.up_proj": quant[0],
+        "switch_mlp.down_proj": quant[1],
+        "shared_expert.gate_proj": quant[2],
+        "shared_expert.up_proj": quant[2],
+        "shared_expert.down_proj": quant[3],
+        "shared_expert_gate": quant[4],
     }
 
     def predicate(path: str, m: nn.Module):
@@ -400,9 +479,16 @@ def quantize_moe_block(block: nn.Module, quant: Tuple[Tuple[int, int], ...], sca
     return block
 
 
-def small_block(quant: Tuple[Tuple[int, int], ...], top_k: int, scales_dtype: Any = mx.float32,
-                hidden: int = 256, inter: int = 128, shared_inter: int = 128, num_experts: int = 16,
-                seed: int = 0) -> nn.Module:
+def small_block(
+    quant: Tuple[Tuple[int, int], ...],
+    top_k: int,
+    scales_dtype: Any = mx.float32,
+    hidden: int = 256,
+    inter: int = 128,
+    shared_inter: int = 128,
+    num_experts: int = 16,
+    seed: int = 0,
+) -> nn.Module:
     """A random block with ``SparseMoeBlock``'s parameters (``gate``, ``switch_mlp``,
     ``shared_expert``, ``shared_expert_gate``; mlx-lm's layers) and ``top_k``, quantized
     by :func:`quantize_moe_block`: what the kernel reads, for verification (it is not

@@ -61,9 +61,7 @@ def use_grouped_experts(num_rows: int, num_experts: int) -> bool:
     """True where :func:`grouped_switch_glu` beats the gathered kernels
     (``num_rows``: tokens x experts per token)."""
     return (
-        mx.default_device() == mx.cpu
-        and num_rows >= MIN_GROUPED_ROWS
-        and num_rows >= MIN_ROWS_PER_EXPERT * num_experts
+        mx.default_device() == mx.cpu and num_rows >= MIN_GROUPED_ROWS and num_rows >= MIN_ROWS_PER_EXPERT * num_experts
     )
 
 
@@ -72,9 +70,14 @@ def expert_weights(proj: nn.Module, e: int) -> mx.array:
     ``QuantizedSwitchLinear`` (dequantized in the scales' dtype)."""
     if "scales" in proj:
         biases = proj.get("biases")
-        return dequantized(proj["weight"][e], proj["scales"][e],
-                           None if biases is None else biases[e],
-                           proj.group_size, proj.bits, proj.mode)
+        return dequantized(
+            proj["weight"][e],
+            proj["scales"][e],
+            None if biases is None else biases[e],
+            proj.group_size,
+            proj.bits,
+            proj.mode,
+        )
     return proj["weight"][e]
 
 
@@ -96,8 +99,16 @@ def switch_glu_lanes(switch_mlp: nn.Module, x: mx.array, inds: mx.array) -> mx.a
 def _qmm(proj: nn.Module, x: mx.array, e: int) -> mx.array:
     """``x @ W[e].T`` for a ``QuantizedSwitchLinear``: ``[n, in] -> [n, out]``."""
     biases = proj.get("biases")
-    return mx.quantized_matmul(x, proj["weight"][e], proj["scales"][e], None if biases is None else biases[e],
-                               transpose=True, group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
+    return mx.quantized_matmul(
+        x,
+        proj["weight"][e],
+        proj["scales"][e],
+        None if biases is None else biases[e],
+        transpose=True,
+        group_size=proj.group_size,
+        bits=proj.bits,
+        mode=proj.mode,
+    )
 
 
 def _sort_by_expert(inds: mx.array, num_experts: int) -> Tuple[mx.array, mx.array, List[int]]:

@@ -45,11 +45,7 @@ def config_fingerprint(config) -> str:
     Weight quantization is left out: a cache made with the 4-bit conversion of a
     model holds the same kind of state as one made with its bf16 original.
     """
-    fields = {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if f.name not in _NOT_ARCHITECTURE
-    }
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _NOT_ARCHITECTURE}
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -137,9 +133,16 @@ class ModelCache(list):
     :attr:`offset` and :attr:`tokens` even for a model whose layers are all DeltaNet.
     """
 
-    def __init__(self, layers=(), mtp: Optional[List] = None, *, kv_bits: Optional[int] = None,
-                 kv_group_size: int = 64, fingerprint: Optional[Dict[str, str]] = None,
-                 max_checkpoints: int = 3):
+    def __init__(
+        self,
+        layers=(),
+        mtp: Optional[List] = None,
+        *,
+        kv_bits: Optional[int] = None,
+        kv_group_size: int = 64,
+        fingerprint: Optional[Dict[str, str]] = None,
+        max_checkpoints: int = 3,
+    ):
         super().__init__(layers)
         self.mtp = mtp or []
         self.kv_bits = kv_bits
@@ -165,9 +168,7 @@ class ModelCache(list):
             if kv_group_size not in (32, 64, 128):
                 raise ValueError(f"kv_group_size must be 32, 64 or 128, got {kv_group_size}")
             if model.config.head_dim % kv_group_size:
-                raise ValueError(
-                    f"kv_group_size {kv_group_size} does not divide the head dim {model.config.head_dim}"
-                )
+                raise ValueError(f"kv_group_size {kv_group_size} does not divide the head dim {model.config.head_dim}")
 
         def kv():
             if kv_bits is None:
@@ -313,7 +314,7 @@ class ModelCache(list):
         snap = self.snapshot()
         if self.max_checkpoints > 0:
             keep = [c for c in self.checkpoints if c.offset != snap.offset]
-            self.checkpoints = keep[max(0, len(keep) - self.max_checkpoints + 1):] + [snap]
+            self.checkpoints = keep[max(0, len(keep) - self.max_checkpoints + 1) :] + [snap]
         return snap
 
     def reuse(self, prompt: Sequence[int]) -> int:
@@ -493,7 +494,8 @@ class ModelCache(list):
             for k, info in enumerate(json.loads(meta.get("checkpoints", "[]"))):
                 o = int(info["offset"])
                 layers = tuple(
-                    ("linear", _get_linear(arrays, f"checkpoints.{k}.layers.{i}")) if isinstance(c, ArraysCache)
+                    ("linear", _get_linear(arrays, f"checkpoints.{k}.layers.{i}"))
+                    if isinstance(c, ArraysCache)
                     else ("kv", c.keys, c.values, o)
                     for i, c in enumerate(cache)
                 )
@@ -528,7 +530,7 @@ def _same_kv_prefix(c, entry: tuple) -> bool:
     pairs = [(keys, c.keys), (values, c.values)]
     for snap_x, live_x in pairs:
         a, b = _detach_prefix(snap_x, offset), _detach_prefix(live_x, offset)
-        for x, y in (zip(a, b) if isinstance(a, tuple) else [(a, b)]):
+        for x, y in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
             if not mx.array_equal(x, y).item():
                 return False
     return True

@@ -151,17 +151,31 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first unknown or inconsistent key."""
         positive = (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim",
-            "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
-            "decoder_sparse_step", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "linear_conv_kernel_dim",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "decoder_sparse_step",
+            "max_position_embeddings",
         )
         for key in positive:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"config.json: {key} must be a positive integer, got {v!r}")
-        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                    "shared_expert_intermediate_size", "intermediate_size"):
+        for key in (
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "intermediate_size",
+        ):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"config.json: {key} must be a non-negative integer, got {v!r}")
@@ -173,22 +187,27 @@ class ModelConfig:
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise ConfigError(
                 "config.json: linear_num_value_heads "
-                f"({self.linear_num_value_heads}) must be a multiple of linear_num_key_heads ({self.linear_num_key_heads})"
+                f"({self.linear_num_value_heads}) must be a multiple of linear_num_key_heads "
+                f"({self.linear_num_key_heads})"
             )
         if self.num_experts > 0 and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(
-                f"config.json: num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts={self.num_experts}]"
+                f"config.json: num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                f"[1, num_experts={self.num_experts}]"
             )
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ConfigError(f"config.json: partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.rotary_dim % 2:
             raise ConfigError(
-                f"config.json: partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} gives an odd rotary dim"
+                f"config.json: partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} "
+                "gives an odd rotary dim"
             )
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             raise ConfigError(f"config.json: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.num_mtp_layers is not None and (not isinstance(self.num_mtp_layers, int) or self.num_mtp_layers < 0):
-            raise ConfigError(f"config.json: num_nextn_predict_layers must be a non-negative integer, got {self.num_mtp_layers!r}")
+            raise ConfigError(
+                f"config.json: num_nextn_predict_layers must be a non-negative integer, got {self.num_mtp_layers!r}"
+            )
         if self.quantization is not None:
             q = self.quantization
             if not isinstance(q, dict) or "bits" not in q or "group_size" not in q:
@@ -223,23 +242,36 @@ class ModelConfig:
         block = dict(scaling or {"rope_type": "default"})
         block.update(rope_theta=self.rope_theta, partial_rotary_factor=self.partial_rotary_factor)
         theta, partial, parsed = _parse_rope({"rope_parameters": block})
-        raw = {k: v for k, v in self.raw.items()
-               if k not in ("rope_scaling", "rope_parameters", "rope_theta", "partial_rotary_factor")}
-        raw["rope_parameters"] = dict(parsed or {"rope_type": "default"}, rope_theta=theta,
-                                      partial_rotary_factor=partial)
+        raw = {
+            k: v
+            for k, v in self.raw.items()
+            if k not in ("rope_scaling", "rope_parameters", "rope_theta", "partial_rotary_factor")
+        }
+        raw["rope_parameters"] = dict(
+            parsed or {"rope_type": "default"}, rope_theta=theta, partial_rotary_factor=partial
+        )
         return dataclasses.replace(self, rope_scaling=parsed, raw=raw)
 
     def to_dict(self) -> Dict[str, Any]:
         """The config as written back to ``config.json`` (original keys kept)."""
         out = dict(self.raw)
         for f in dataclasses.fields(self):
-            if f.name in ("raw", "num_mtp_layers", "quantization", "rope_theta",
-                          "partial_rotary_factor", "rope_scaling"):
+            if f.name in (
+                "raw",
+                "num_mtp_layers",
+                "quantization",
+                "rope_theta",
+                "partial_rotary_factor",
+                "rope_scaling",
+            ):
                 continue
             out[f.name] = getattr(self, f.name)
         out.pop("full_attention_interval", None)
-        rope = {"rope_type": (self.rope_scaling or {}).get("rope_type", "default"),
-                "rope_theta": self.rope_theta, "partial_rotary_factor": self.partial_rotary_factor}
+        rope = {
+            "rope_type": (self.rope_scaling or {}).get("rope_type", "default"),
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+        }
         rope.update(self.rope_scaling or {})
         out["rope_parameters"] = rope
         for k in ("rope_theta", "partial_rotary_factor", "rope_scaling"):

@@ -127,8 +127,12 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
         self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * self.num_v_heads, bias=False)
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, kernel_size=self.conv_kernel_size,
-            groups=self.conv_dim, bias=False, padding=0,
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=self.conv_kernel_size,
+            groups=self.conv_dim,
+            bias=False,
+            padding=0,
         )
         self.dt_bias = mx.ones((self.num_v_heads,))
         self.A_log = mx.zeros((self.num_v_heads,))
@@ -148,9 +152,12 @@ class GatedDeltaNet(nn.Module):
         q, k, v, z = mx.split(qkvz, [dk, 2 * dk, 2 * dk + r * dv], axis=-1)
         b, a = mx.split(ba.reshape(B, L, nk, 2 * r), [r], axis=-1)
         return (
-            q.reshape(B, L, -1), k.reshape(B, L, -1), v.reshape(B, L, -1),
+            q.reshape(B, L, -1),
+            k.reshape(B, L, -1),
+            v.reshape(B, L, -1),
             z.reshape(B, L, self.num_v_heads, dv),
-            b.reshape(B, L, self.num_v_heads), a.reshape(B, L, self.num_v_heads),
+            b.reshape(B, L, self.num_v_heads),
+            a.reshape(B, L, self.num_v_heads),
         )
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
@@ -160,15 +167,23 @@ class GatedDeltaNet(nn.Module):
         conv_state = cache[0] if cache is not None else None
         state = cache[1] if cache is not None else None
         mixed = mx.concatenate([q, k, v], axis=-1)
-        # Speculative verification (qnext_mlx.speculative) sets ``capture_steps`` on the
+        # Speculative verification (qnext_mlx.engine.speculative) sets ``capture_steps`` on the
         # cache: keep every token's state so a rejected draft can be rolled back.
         capture = cache is not None and getattr(cache, "capture_steps", False)
         # conv + SiLU + q/k norms + gates + delta rule: the fused Metal kernel for
         # short runs where verified, else the MLX path (chunked for prefill).
         y, new_conv_state, new_state, *states = gated_delta_decode(
-            mixed, self.conv1d.weight, conv_state, a, b,
-            self.A_log, self.dt_bias, state,
-            num_k_heads=self.num_k_heads, head_k_dim=self.head_k_dim, head_v_dim=self.head_v_dim,
+            mixed,
+            self.conv1d.weight,
+            conv_state,
+            a,
+            b,
+            self.A_log,
+            self.dt_bias,
+            state,
+            num_k_heads=self.num_k_heads,
+            head_k_dim=self.head_k_dim,
+            head_v_dim=self.head_v_dim,
             return_all_states=capture,
         )
         if cache is not None:
@@ -245,9 +260,7 @@ class Qwen3NextModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [
-            DecoderLayer(cfg, cfg.is_linear(i), cfg.is_moe(i)) for i in range(cfg.num_hidden_layers)
-        ]
+        self.layers = [DecoderLayer(cfg, cfg.is_linear(i), cfg.is_moe(i)) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self._first_attn = next((i for i, t in enumerate(cfg.layer_types) if t != "linear_attention"), None)
 
@@ -277,9 +290,7 @@ class MultiTokenPredictor(nn.Module):
         self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.pre_fc_norm_embedding = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.layers = [
-            DecoderLayer(cfg, is_linear=False, is_moe=cfg.num_experts > 0) for _ in range(num_layers)
-        ]
+        self.layers = [DecoderLayer(cfg, is_linear=False, is_moe=cfg.num_experts > 0) for _ in range(num_layers)]
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, hidden: mx.array, next_embeds: mx.array, cache=None) -> mx.array:
@@ -288,9 +299,7 @@ class MultiTokenPredictor(nn.Module):
         ``cache``: one KV cache per MTP layer (or None); position i of this
         call is the pair (h_i, t_{i+1}), at the cache's offset + i.
         """
-        x = mx.concatenate(
-            [self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], axis=-1
-        )
+        x = mx.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], axis=-1)
         x = self.fc(x)
         caches = cache if cache is not None else [None] * len(self.layers)
         mask = create_attention_mask(x, caches[0])

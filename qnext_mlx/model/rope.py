@@ -95,9 +95,7 @@ def yarn_inv_freq(
     beta_slow = beta_slow or 1
 
     def correction_dim(num_rotations: float) -> float:
-        return (dim * math.log(original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (
-            2 * math.log(base)
-        )
+        return (dim * math.log(original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
     if truncate:
@@ -133,8 +131,12 @@ def rope_parameters(cfg: ModelConfig) -> Tuple[np.ndarray, float]:
         original = original_max_positions(cfg)
         factor = scaling.get("factor") or cfg.max_position_embeddings / original
         inv_freq = yarn_inv_freq(
-            dim, base, float(factor), original,
-            beta_fast=scaling.get("beta_fast"), beta_slow=scaling.get("beta_slow"),
+            dim,
+            base,
+            float(factor),
+            original,
+            beta_fast=scaling.get("beta_fast"),
+            beta_slow=scaling.get("beta_slow"),
             truncate=scaling.get("truncate", True),
         )
         attn = yarn_attention_factor(
@@ -255,27 +257,40 @@ def rope_override(options: Any, cfg: ModelConfig) -> Tuple[bool, Optional[Dict[s
         raise ConfigError("give --rope-factor or --max-context, not both")
     if mode == "none":
         if factor is not None or max_context is not None or original is not None:
-            raise ConfigError("--rope-scaling none takes no --rope-factor, --max-context or --original-max-position-embeddings")
+            raise ConfigError(
+                "--rope-scaling none takes no --rope-factor, --max-context or --original-max-position-embeddings"
+            )
         return True, None, f"RoPE scaling off: native window of {native_context(cfg):,} tokens"
     native = original or native_context(cfg)
     if max_context is not None:
         f = factor_for_context(max_context, native)
         if f is None:
-            return True, None, (f"--max-context {max_context:,} fits the native window of {native:,} tokens: "
-                                "RoPE scaling off")
-        return True, yarn_scaling(f, native), (
-            f"--max-context {max_context:,}: YaRN factor {f:g} over {native:,} native positions "
-            f"-> window of {int(f * native):,} tokens (smallest factor in steps of {FACTOR_STEP:g})"
-            + _beyond_note(f)
+            return (
+                True,
+                None,
+                (f"--max-context {max_context:,} fits the native window of {native:,} tokens: RoPE scaling off"),
+            )
+        return (
+            True,
+            yarn_scaling(f, native),
+            (
+                f"--max-context {max_context:,}: YaRN factor {f:g} over {native:,} native positions "
+                f"-> window of {int(f * native):,} tokens (smallest factor in steps of {FACTOR_STEP:g})"
+                + _beyond_note(f)
+            ),
         )
     if factor is None:
         current = cfg.rope_scaling or {}
         if current.get("rope_type") != "yarn":
             raise ConfigError("--rope-scaling yarn needs --rope-factor F or --max-context N")
         factor = float(current["factor"])  # keep config.json's factor (possibly a new original window)
-    return True, yarn_scaling(factor, native), (
-        f"YaRN factor {factor:g} over {native:,} native positions -> window of {int(factor * native):,} tokens"
-        + _beyond_note(factor)
+    return (
+        True,
+        yarn_scaling(factor, native),
+        (
+            f"YaRN factor {factor:g} over {native:,} native positions -> window of {int(factor * native):,} tokens"
+            + _beyond_note(factor)
+        ),
     )
 
 
@@ -289,9 +304,7 @@ def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def apply_rope_options(
-    options: Any, target, log: Optional[Callable[[str], None]] = _to_stderr
-) -> ModelConfig:
+def apply_rope_options(options: Any, target, log: Optional[Callable[[str], None]] = _to_stderr) -> ModelConfig:
     """Apply the long-context options (see :func:`rope_override`) to a model or a config.
 
     Args:

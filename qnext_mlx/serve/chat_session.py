@@ -6,7 +6,7 @@ reply parser, reasoning and tool calls, is :mod:`qnext_mlx.serve.reply`):
 * :func:`render_prompt` / :meth:`ChatEngine.prepare`: messages (and tools) -> prompt
   text and token ids through the tokenizer's chat template (Qwen3's puts the tools
   in the system turn and renders ``role: tool`` results as ``<tool_response>``);
-* :class:`CachePool`: a few :class:`~qnext_mlx.cache.ModelCache` objects kept
+* :class:`CachePool`: a few :class:`~qnext_mlx.model.cache.ModelCache` objects kept
   across requests; each prompt takes the one holding the longest prefix of it, so
   a follow-up message of the same conversation only prefills the new part;
 * :class:`ChatEngine`: runs one reply through :func:`qnext_mlx.engine.stream.stream_generate`
@@ -77,8 +77,7 @@ class SamplingSettings:
 
     def validate(self) -> None:
         """Raise ValueError (one line) for an out-of-range value."""
-        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.presence_penalty,
-                       self.repetition_penalty)
+        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.presence_penalty, self.repetition_penalty)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
@@ -147,16 +146,24 @@ def _template_messages(messages: Sequence[dict]) -> List[dict]:
     return out
 
 
-def render_prompt(tokenizer, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
-                  template_kwargs: Optional[dict] = None, add_generation_prompt: bool = True) -> str:
+def render_prompt(
+    tokenizer,
+    messages: Sequence[dict],
+    tools: Optional[Sequence[dict]] = None,
+    template_kwargs: Optional[dict] = None,
+    add_generation_prompt: bool = True,
+) -> str:
     """``messages`` (OpenAI chat format) and ``tools`` (OpenAI function specs) in the
     tokenizer's chat template, ending with the assistant turn's header."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatError("this model's tokenizer has no chat template; use /v1/completions with a raw prompt")
     try:
         return tokenizer.apply_chat_template(
-            _template_messages(messages), tools=list(tools) if tools else None,
-            add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {}),
+            _template_messages(messages),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **(template_kwargs or {}),
         )
     except QnextError:
         raise
@@ -263,8 +270,11 @@ def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, ro
     """
     path, is_demo = resolve_model_arg(model_arg)
     if is_demo and not quiet:
-        print("note: running the bundled demo model (a tiny model for trying the tools offline). "
-              f"For the real model pass --model {REAL_MODEL_REPO} or a local MLX conversion.", file=sys.stderr)
+        print(
+            "note: running the bundled demo model (a tiny model for trying the tools offline). "
+            f"For the real model pass --model {REAL_MODEL_REPO} or a local MLX conversion.",
+            file=sys.stderr,
+        )
     model, tokenizer = load(path)  # a folder without tokenizer files: ModelNotFoundError
     if rope_args is not None:
         apply_rope_options(rope_args, model)  # before the engine: cache fingerprints include it
@@ -280,9 +290,17 @@ class ChatEngine:
     owns the engine; :meth:`prepare` only tokenizes and may run anywhere.
     """
 
-    def __init__(self, model, tokenizer, *, cache_size: int = 2, kv_bits: Optional[int] = None,
-                 kv_group_size: int = 64, max_context: Optional[int] = None,
-                 prefill_step_size: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        cache_size: int = 2,
+        kv_bits: Optional[int] = None,
+        kv_group_size: int = 64,
+        max_context: Optional[int] = None,
+        prefill_step_size: Optional[int] = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.pool = CachePool(model, cache_size, kv_bits, kv_group_size)
@@ -293,8 +311,13 @@ class ChatEngine:
         self.prefill_step_size = prefill_step_size
 
     # ........................................................... prompts
-    def prepare(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
-                template_kwargs: Optional[dict] = None, parse_tools: Optional[bool] = None) -> PreparedPrompt:
+    def prepare(
+        self,
+        messages: Sequence[dict],
+        tools: Optional[Sequence[dict]] = None,
+        template_kwargs: Optional[dict] = None,
+        parse_tools: Optional[bool] = None,
+    ) -> PreparedPrompt:
         """Format and tokenize a chat; raises :class:`ChatError` when the template
         fails or the prompt does not fit the context."""
         text = render_prompt(self.tokenizer, messages, tools, template_kwargs)
@@ -308,17 +331,28 @@ class ChatEngine:
             # The system message and tool list do not depend on the rest: keep a cache
             # checkpoint at their end, so new conversations with them skip that part.
             probes = [
-                self.tokenizer.encode(render_prompt(self.tokenizer, list(messages[:n_system]) +
-                                                    [{"role": "user", "content": c}], tools, template_kwargs,
-                                                    add_generation_prompt=False), add_special_tokens=False)
+                self.tokenizer.encode(
+                    render_prompt(
+                        self.tokenizer,
+                        list(messages[:n_system]) + [{"role": "user", "content": c}],
+                        tools,
+                        template_kwargs,
+                        add_generation_prompt=False,
+                    ),
+                    add_special_tokens=False,
+                )
                 for c in ("x", "y")
             ]
             n = min(_common_prefix(*probes), _common_prefix(probes[0], ids))
             if 0 < n < len(ids) - 1:
                 checkpoints.append(n)
-        return PreparedPrompt(text=text, ids=ids, opens_think=prompt_opens_think(text),
-                              parse_tools=bool(tools) if parse_tools is None else parse_tools,
-                              checkpoint_at=checkpoints)
+        return PreparedPrompt(
+            text=text,
+            ids=ids,
+            opens_think=prompt_opens_think(text),
+            parse_tools=bool(tools) if parse_tools is None else parse_tools,
+            checkpoint_at=checkpoints,
+        )
 
     def prepare_text(self, prompt: Union[str, Sequence[int]]) -> PreparedPrompt:
         """A raw prompt (text as is, or token ids) for plain completion."""
@@ -346,8 +380,9 @@ class ChatEngine:
             )
 
     # ........................................................ generation
-    def generate(self, prompt: PreparedPrompt, settings: SamplingSettings,
-                 cancel: Optional[Callable[[], bool]] = None) -> Iterator[Union[Delta, ReplyStats]]:
+    def generate(
+        self, prompt: PreparedPrompt, settings: SamplingSettings, cancel: Optional[Callable[[], bool]] = None
+    ) -> Iterator[Union[Delta, ReplyStats]]:
         """Generate a reply to ``prompt``: yields :class:`Delta` pieces as they decode,
         then one :class:`ReplyStats`.
 
@@ -364,11 +399,23 @@ class ChatEngine:
         parser = ReplyParser(in_think=prompt.opens_think, parse_tools=prompt.parse_tools, raw=prompt.raw)
         kwargs = {"prefill_step_size": self.prefill_step_size} if self.prefill_step_size else {}
         stream = stream_generate(
-            self.model, self.tokenizer, prompt.ids, max_tokens=max_tokens, temp=settings.temp,
-            top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p,
-            presence_penalty=settings.presence_penalty, repetition_penalty=settings.repetition_penalty,
-            seed=settings.seed, prompt_cache=cache, stop_strings=settings.stop or None,
-            checkpoint_at=prompt.checkpoint_at, progress=False, should_stop=cancel, **kwargs,
+            self.model,
+            self.tokenizer,
+            prompt.ids,
+            max_tokens=max_tokens,
+            temp=settings.temp,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            min_p=settings.min_p,
+            presence_penalty=settings.presence_penalty,
+            repetition_penalty=settings.repetition_penalty,
+            seed=settings.seed,
+            prompt_cache=cache,
+            stop_strings=settings.stop or None,
+            checkpoint_at=prompt.checkpoint_at,
+            progress=False,
+            should_stop=cancel,
+            **kwargs,
         )
         last, finish = None, "stop"
         try:
@@ -435,9 +482,15 @@ class ChatSession:
     carry ``reasoning_content`` when the model thought).
     """
 
-    def __init__(self, engine: Optional[ChatEngine] = None, system: Optional[str] = None,
-                 settings: Optional[SamplingSettings] = None, template_kwargs: Optional[dict] = None,
-                 title: str = "", id: Optional[str] = None):
+    def __init__(
+        self,
+        engine: Optional[ChatEngine] = None,
+        system: Optional[str] = None,
+        settings: Optional[SamplingSettings] = None,
+        template_kwargs: Optional[dict] = None,
+        title: str = "",
+        id: Optional[str] = None,
+    ):
         self.engine = engine
         self.system = system or None
         self.settings = settings or SamplingSettings()
@@ -498,9 +551,14 @@ class ChatSession:
     # ....................................................... persistence
     def to_dict(self) -> dict:
         return {
-            "format": CONVERSATION_FORMAT, "version": 1, "id": self.id, "title": self.title,
-            "system": self.system, "settings": self.settings.to_dict(),
-            "template_kwargs": self.template_kwargs, "messages": self.messages,
+            "format": CONVERSATION_FORMAT,
+            "version": 1,
+            "id": self.id,
+            "title": self.title,
+            "system": self.system,
+            "settings": self.settings.to_dict(),
+            "template_kwargs": self.template_kwargs,
+            "messages": self.messages,
         }
 
     def load_dict(self, data: dict, source: str = "conversation") -> None:
@@ -509,7 +567,9 @@ class ChatSession:
             raise ChatError(f"{source} is not a qnext-mlx conversation file")
         messages = data.get("messages")
         if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("user", "assistant", "tool") and isinstance(m.get("content", ""), str)
+            isinstance(m, dict)
+            and m.get("role") in ("user", "assistant", "tool")
+            and isinstance(m.get("content", ""), str)
             for m in messages
         ):
             raise ChatError(f"{source} has a damaged message list")

@@ -8,7 +8,7 @@ How it is put together:
 
 * Request threads (standard library ``ThreadingHTTPServer``) read and validate the
   request (:mod:`qnext_mlx.serve.protocol`), format and tokenize the prompt
-  (:class:`~qnext_mlx.chat_session.ChatEngine`), and put a :class:`Job` on a bounded
+  (:class:`~qnext_mlx.serve.chat_session.ChatEngine`), and put a :class:`Job` on a bounded
   queue; a full queue is answered 503 at once.
 * One worker thread owns the model (MLX evaluation is not thread-safe) and runs
   the jobs one at a time through :func:`qnext_mlx.engine.stream.stream_generate`, sending
@@ -17,7 +17,7 @@ How it is put together:
   (a failed write, or a closed socket noticed while waiting) sets the job's cancel
   flag, which the worker checks between prefill chunks and after every token, so a
   long prompt's prefill stops too (a job still waiting is skipped).
-* Prompt caches (a small pool, :class:`~qnext_mlx.chat_session.CachePool`) are kept
+* Prompt caches (a small pool, :class:`~qnext_mlx.serve.chat_session.CachePool`) are kept
   across requests: a follow-up turn of a conversation only prefills the new part;
   ``usage.prompt_tokens_details.cached_tokens`` says how many prompt tokens were reused.
 * Qwen3 tool calls: ``tools`` go into the chat template; ``<tool_call>{...}</tool_call>``
@@ -118,8 +118,12 @@ class Worker(threading.Thread):
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            raise ApiError(503, f"the server is busy ({self.jobs.maxsize} requests waiting); retry later",
-                           type="server_error", code="server_busy") from None
+            raise ApiError(
+                503,
+                f"the server is busy ({self.jobs.maxsize} requests waiting); retry later",
+                type="server_error",
+                code="server_busy",
+            ) from None
 
     def stop(self) -> None:
         """Stop after the current token or prefill chunk (the running job is cancelled)."""
@@ -173,8 +177,15 @@ class ServerApp:
     waits for it and re-raises its error here.
     """
 
-    def __init__(self, load_engine: Callable[[], ChatEngine], model_id: str, *, max_queue: int = DEFAULT_MAX_QUEUE,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, defaults: Optional[SamplingSettings] = None):
+    def __init__(
+        self,
+        load_engine: Callable[[], ChatEngine],
+        model_id: str,
+        *,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        defaults: Optional[SamplingSettings] = None,
+    ):
         self.model_id = model_id
         self.max_request_bytes = max_request_bytes
         self.defaults = defaults or SamplingSettings()
@@ -272,27 +283,50 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/v1/models", "/models"):
             self._send_json(200, {"object": "list", "data": [self._model_card()]})
         elif path.startswith("/v1/models/"):
-            name = path[len("/v1/models/"):]
+            name = path[len("/v1/models/") :]
             if name == self.app.model_id:
                 self._send_json(200, self._model_card())
             else:
-                self._send_error(ApiError(404, f"the model '{name}' does not exist; this server has "
-                                          f"'{self.app.model_id}'", param="model", code="model_not_found"))
+                self._send_error(
+                    ApiError(
+                        404,
+                        f"the model '{name}' does not exist; this server has '{self.app.model_id}'",
+                        param="model",
+                        code="model_not_found",
+                    )
+                )
         elif path == "/health":
             w = self.app.worker
-            self._send_json(200, {"status": "ok", "model": self.app.model_id, "queued": w.jobs.qsize(),
-                                  "busy": w.busy, "completed": w.completed})
+            self._send_json(
+                200,
+                {
+                    "status": "ok",
+                    "model": self.app.model_id,
+                    "queued": w.jobs.qsize(),
+                    "busy": w.busy,
+                    "completed": w.completed,
+                },
+            )
         else:
             self._send_error(ApiError(404, f"no such endpoint: GET {path}", code="not_found"))
 
     def _model_card(self) -> dict:
-        return {"id": self.app.model_id, "object": "model", "created": self.app.created, "owned_by": "qnext-mlx",
-                "max_model_len": self.app.engine.max_context}
+        return {
+            "id": self.app.model_id,
+            "object": "model",
+            "created": self.app.created,
+            "owned_by": "qnext-mlx",
+            "max_model_len": self.app.engine.max_context,
+        }
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
-        routes = {"/v1/chat/completions": self._chat, "/chat/completions": self._chat,
-                  "/v1/completions": self._completion, "/completions": self._completion}
+        routes = {
+            "/v1/chat/completions": self._chat,
+            "/chat/completions": self._chat,
+            "/v1/completions": self._completion,
+            "/completions": self._completion,
+        }
         try:
             route = routes.get(path)
             if route is None:
@@ -328,8 +362,12 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(411 if length is None else 400, "a valid Content-Length header is required") from None
         if n > self.app.max_request_bytes:
             self.close_connection = True  # the body stays unread
-            raise ApiError(413, f"the request body has {n} bytes; the limit is {self.app.max_request_bytes} "
-                           f"(server option --max-request-mb)", code="request_too_large")
+            raise ApiError(
+                413,
+                f"the request body has {n} bytes; the limit is {self.app.max_request_bytes} "
+                f"(server option --max-request-mb)",
+                code="request_too_large",
+            )
         raw = self.rfile.read(n)
         if len(raw) < n:
             self.close_connection = True
@@ -392,14 +430,23 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             if stats is None:
                 job.cancel.set()
-        log.info("prompt %d tokens (%d cached, %.1f tok/s), generated %d tokens (%.1f tok/s), %s",
-                 stats.prompt_tokens, stats.cached_tokens, stats.prompt_tps, stats.generation_tokens,
-                 stats.generation_tps, stats.finish_reason)
+        log.info(
+            "prompt %d tokens (%d cached, %.1f tok/s), generated %d tokens (%.1f tok/s), %s",
+            stats.prompt_tokens,
+            stats.cached_tokens,
+            stats.prompt_tps,
+            stats.generation_tokens,
+            stats.generation_tps,
+            stats.finish_reason,
+        )
         return stats
 
     def _stream_error(self, e: Exception) -> None:
-        err = e if isinstance(e, ApiError) else ApiError(500, "generation failed (see the server log)",
-                                                          type="server_error")
+        err = (
+            e
+            if isinstance(e, ApiError)
+            else ApiError(500, "generation failed (see the server log)", type="server_error")
+        )
         try:
             self._send_event(err.body())
             self._send_event("[DONE]")
@@ -408,8 +455,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chat(self, body: Any) -> None:
         req = parse_chat_request(body, self.app.defaults)
-        prompt = self._prepare(self.app.engine.prepare, req.messages, req.tools or None, req.template_kwargs,
-                               req.parse_tools)
+        prompt = self._prepare(
+            self.app.engine.prepare, req.messages, req.tools or None, req.template_kwargs, req.parse_tools
+        )
         job = self._submit(prompt, req.settings)
         rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.app.model_id
         if not req.stream:
@@ -425,8 +473,12 @@ class Handler(BaseHTTPRequestHandler):
 
             stats = self._run(job, False, collect)
             if stats is not None:
-                self._send_json(200, chat_completion(rid, created, model, "".join(parts["content"]),
-                                                     "".join(parts["reasoning"]), calls, stats))
+                self._send_json(
+                    200,
+                    chat_completion(
+                        rid, created, model, "".join(parts["content"]), "".join(parts["reasoning"]), calls, stats
+                    ),
+                )
             return
 
         self._start_stream()
@@ -489,8 +541,13 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # ------------------------------------------------------------------ running
-def make_server(load_engine: Callable[[], ChatEngine], model_id: str, host: str = DEFAULT_HOST,
-                port: int = DEFAULT_PORT, **app_kwargs) -> QnextHTTPServer:
+def make_server(
+    load_engine: Callable[[], ChatEngine],
+    model_id: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    **app_kwargs,
+) -> QnextHTTPServer:
     """A listening server (not yet serving: call ``serve_forever()``); ``port=0`` picks a free port.
 
     ``load_engine()`` builds the :class:`ChatEngine` (loads the model); it runs on the
@@ -508,8 +565,9 @@ def make_server(load_engine: Callable[[], ChatEngine], model_id: str, host: str 
     return server
 
 
-def start_in_thread(load_engine: Callable[[], ChatEngine], model_id: str, host: str = DEFAULT_HOST,
-                    port: int = 0, **app_kwargs) -> QnextHTTPServer:
+def start_in_thread(
+    load_engine: Callable[[], ChatEngine], model_id: str, host: str = DEFAULT_HOST, port: int = 0, **app_kwargs
+) -> QnextHTTPServer:
     """Start a server on a background thread (for tests and embedding); stop it with
     :func:`stop_server`. Its address is ``server.server_address``."""
     server = make_server(load_engine, model_id, host, port, **app_kwargs)

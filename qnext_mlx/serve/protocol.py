@@ -31,8 +31,14 @@ MAX_STOP_STRINGS = 16
 class ApiError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -50,8 +56,15 @@ def _bad(param: str, message: str, code: Optional[str] = None) -> ApiError:
 
 # ---------------------------------------------------------------- checkers
 def _type_name(v: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-            dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 def _number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False) -> Callable:
@@ -63,6 +76,7 @@ def _number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: boo
             hi_s = f"<= {hi:g}" if hi is not None else ""
             raise _bad(name, f"'{name}' must be {' and '.join(s for s in (lo_s, hi_s) if s)}, got {v}")
         return float(v)
+
     return check
 
 
@@ -74,10 +88,12 @@ def _integer(lo: Optional[int] = None, hi: Optional[int] = None) -> Callable:
             else:
                 raise _bad(name, f"'{name}' must be an integer, got {_type_name(v)}")
         if lo is not None and v < lo or hi is not None and v > hi:
-            bounds = " and ".join(s for s in (f">= {lo}" if lo is not None else "",
-                                              f"<= {hi}" if hi is not None else "") if s)
+            bounds = " and ".join(
+                s for s in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if s
+            )
             raise _bad(name, f"'{name}' must be {bounds}, got {v}")
         return v
+
     return check
 
 
@@ -105,10 +121,12 @@ def _any(v, name):
 
 def _only(allowed: tuple, what: str) -> Callable:
     """A field accepted only at its default values (an option this server does not implement)."""
+
     def check(v, name):
         if v not in allowed:
             raise _bad(name, f"'{name}' is not supported by this server ({what})", code="unsupported_parameter")
         return v
+
     return check
 
 
@@ -135,8 +153,11 @@ def _stream_options(v, name):
 def _response_format(v, name):
     _object(v, name)
     if v.get("type") != "text":
-        raise _bad(name, f"'{name}' type {v.get('type')!r} is not supported by this server (only 'text')",
-                   code="unsupported_parameter")
+        raise _bad(
+            name,
+            f"'{name}' type {v.get('type')!r} is not supported by this server (only 'text')",
+            code="unsupported_parameter",
+        )
     return v
 
 
@@ -180,29 +201,35 @@ _SAMPLING = {
     "model": _string,
 }
 
-_CHAT = dict(_SAMPLING, **{
-    "messages": _any,
-    "max_completion_tokens": _integer(1),
-    "tools": _any,
-    "tool_choice": _any,
-    "parallel_tool_calls": _boolean,
-    "response_format": _response_format,
-    "logprobs": _only((False, None), "no log probabilities"),
-    "top_logprobs": _only((0, None), "no log probabilities"),
-    "metadata": _object,
-    "store": _boolean,
-    "service_tier": _string,
-    "reasoning_effort": _string,
-    "chat_template_kwargs": _template_kwargs,
-})
+_CHAT = dict(
+    _SAMPLING,
+    **{
+        "messages": _any,
+        "max_completion_tokens": _integer(1),
+        "tools": _any,
+        "tool_choice": _any,
+        "parallel_tool_calls": _boolean,
+        "response_format": _response_format,
+        "logprobs": _only((False, None), "no log probabilities"),
+        "top_logprobs": _only((0, None), "no log probabilities"),
+        "metadata": _object,
+        "store": _boolean,
+        "service_tier": _string,
+        "reasoning_effort": _string,
+        "chat_template_kwargs": _template_kwargs,
+    },
+)
 
-_COMPLETION = dict(_SAMPLING, **{
-    "prompt": _any,
-    "echo": _only((False, None), "echo"),
-    "suffix": _only((None, ""), "suffix"),
-    "best_of": _only((1, None), "one choice per request"),
-    "logprobs": _only((0, None), "no log probabilities"),
-})
+_COMPLETION = dict(
+    _SAMPLING,
+    **{
+        "prompt": _any,
+        "echo": _only((False, None), "echo"),
+        "suffix": _only((None, ""), "suffix"),
+        "best_of": _only((1, None), "one choice per request"),
+        "logprobs": _only((0, None), "no log probabilities"),
+    },
+)
 
 
 def _check_fields(body: Any, spec: Dict[str, Callable]) -> Dict[str, Any]:
@@ -222,12 +249,15 @@ def _check_fields(body: Any, spec: Dict[str, Callable]) -> Dict[str, Any]:
 
 def _settings(f: Dict[str, Any], defaults: SamplingSettings, max_tokens: Optional[int]) -> SamplingSettings:
     s = SamplingSettings(
-        temp=f.get("temperature", defaults.temp), top_p=f.get("top_p", defaults.top_p),
-        top_k=f.get("top_k", defaults.top_k), min_p=f.get("min_p", defaults.min_p),
+        temp=f.get("temperature", defaults.temp),
+        top_p=f.get("top_p", defaults.top_p),
+        top_k=f.get("top_k", defaults.top_k),
+        min_p=f.get("min_p", defaults.min_p),
         presence_penalty=f.get("presence_penalty", defaults.presence_penalty),
         repetition_penalty=f.get("repetition_penalty", defaults.repetition_penalty),
         max_tokens=max_tokens if max_tokens is not None else defaults.max_tokens,
-        seed=f.get("seed", defaults.seed), stop=f.get("stop", list(defaults.stop)),
+        seed=f.get("seed", defaults.seed),
+        stop=f.get("stop", list(defaults.stop)),
     )
     try:
         s.validate()
@@ -253,8 +283,11 @@ def _content(v, where: str, nullable: bool) -> Optional[str]:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise _bad(f"{where}[{j}]", f"'{where}[{j}]' must be an object with a 'type'")
             if part["type"] != "text":
-                raise _bad(f"{where}[{j}]", f"content type {part['type']!r} is not supported by this "
-                           f"text-only model", code="unsupported_content")
+                raise _bad(
+                    f"{where}[{j}]",
+                    f"content type {part['type']!r} is not supported by this text-only model",
+                    code="unsupported_content",
+                )
             if not isinstance(part.get("text"), str):
                 raise _bad(f"{where}[{j}].text", f"'{where}[{j}].text' must be a string")
             parts.append(part["text"])
@@ -314,7 +347,11 @@ def parse_tools(tools: Any) -> List[dict]:
     out = []
     for i, t in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
+        if (
+            not isinstance(t, dict)
+            or t.get("type", "function") != "function"
+            or not isinstance(t.get("function"), dict)
+        ):
             raise _bad(where, f"'{where}' must be {{'type': 'function', 'function': {{...}}}}")
         fn = t["function"]
         if not isinstance(fn.get("name"), str) or not fn["name"]:
@@ -361,17 +398,24 @@ def parse_chat_request(body: Any, defaults: Optional[SamplingSettings] = None) -
     choice = f.get("tool_choice", "auto")
     if choice not in ("auto", "none"):
         if choice == "required" or isinstance(choice, dict):
-            raise _bad("tool_choice", "'tool_choice' can be 'auto' or 'none' on this server (the model decides "
-                       "when to call a tool)", code="unsupported_parameter")
+            raise _bad(
+                "tool_choice",
+                "'tool_choice' can be 'auto' or 'none' on this server (the model decides when to call a tool)",
+                code="unsupported_parameter",
+            )
         raise _bad("tool_choice", "'tool_choice' must be 'auto' or 'none'")
     if "max_tokens" in f and "max_completion_tokens" in f and f["max_tokens"] != f["max_completion_tokens"]:
         raise _bad("max_tokens", "give 'max_tokens' or 'max_completion_tokens', not both")
     max_tokens = f.get("max_completion_tokens", f.get("max_tokens"))
     return ChatRequest(
-        messages=messages, settings=_settings(f, defaults or SamplingSettings(), max_tokens),
-        tools=tools, parse_tools=bool(tools) and choice == "auto", stream=f.get("stream", False),
+        messages=messages,
+        settings=_settings(f, defaults or SamplingSettings(), max_tokens),
+        tools=tools,
+        parse_tools=bool(tools) and choice == "auto",
+        stream=f.get("stream", False),
         include_usage=bool(f.get("stream_options", {}).get("include_usage")),
-        template_kwargs=f.get("chat_template_kwargs", {}), model=f.get("model"),
+        template_kwargs=f.get("chat_template_kwargs", {}),
+        model=f.get("model"),
     )
 
 
@@ -384,15 +428,19 @@ def parse_completion_request(body: Any, defaults: Optional[SamplingSettings] = N
     prompt = f.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    ok = isinstance(prompt, str) and prompt or (
-        isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
+    ok = (
+        isinstance(prompt, str)
+        and prompt
+        or (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
+    )
     if not ok:
         raise _bad("prompt", "'prompt' must be a non-empty string or array of token ids (one prompt per request)")
     return CompletionRequest(
         prompt=prompt,
         settings=_settings(f, defaults or SamplingSettings(), f.get("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)),
         stream=f.get("stream", False),
-        include_usage=bool(f.get("stream_options", {}).get("include_usage")), model=f.get("model"),
+        include_usage=bool(f.get("stream_options", {}).get("include_usage")),
+        model=f.get("model"),
     )
 
 
@@ -413,9 +461,14 @@ def openai_finish_reason(reason: str) -> str:
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: Optional[str] = None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
 
 
 def tool_call_deltas(index: int, call: ToolCall) -> List[dict]:
@@ -429,22 +482,40 @@ def usage_chunk(rid: str, created: int, model: str, obj: str, stats: ReplyStats)
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(stats)}
 
 
-def chat_completion(rid: str, created: int, model: str, content: str, reasoning: str,
-                    tool_calls: List[ToolCall], stats: ReplyStats) -> dict:
+def chat_completion(
+    rid: str, created: int, model: str, content: str, reasoning: str, tool_calls: List[ToolCall], stats: ReplyStats
+) -> dict:
     message: Dict[str, Any] = {"role": "assistant", "content": content if content or not tool_calls else None}
     if reasoning:
         message["reasoning_content"] = reasoning
     if tool_calls:
         message["tool_calls"] = [c.to_openai() for c in tool_calls]
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": openai_finish_reason(stats.finish_reason)}],
-            "usage": usage(stats)}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": openai_finish_reason(stats.finish_reason),
+            }
+        ],
+        "usage": usage(stats),
+    }
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: Optional[str] = None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
 
 
 def completion(rid: str, created: int, model: str, text: str, stats: ReplyStats) -> dict:

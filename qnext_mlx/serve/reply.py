@@ -14,7 +14,16 @@ from typing import List, Optional
 
 from ..engine.text import stop_holdback
 
-__all__ = ["Delta", "ReplyParser", "THINK_CLOSE", "THINK_OPEN", "TOOL_CLOSE", "TOOL_OPEN", "ToolCall", "parse_tool_call"]
+__all__ = [
+    "Delta",
+    "ReplyParser",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "TOOL_CLOSE",
+    "TOOL_OPEN",
+    "ToolCall",
+    "parse_tool_call",
+]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -117,11 +126,11 @@ class ReplyParser:
                 # Trailing whitespace may precede a closing </think> or a <tool_call>
                 # (the template's newlines): hold it until more text decides.
                 ready = ready.rstrip()
-                self._buf = self._buf[len(ready):]
+                self._buf = self._buf[len(ready) :]
                 self._emit("reasoning" if self.mode == "think" else "content", ready, out)
                 break
             i, tag = min(hits)
-            before, self._buf = self._buf[:i], self._buf[i + len(tag):]
+            before, self._buf = self._buf[:i], self._buf[i + len(tag) :]
             if self.mode == "think":
                 self._emit("reasoning", before.rstrip(), out)
                 self.mode, self._strip = "content", True

@@ -42,8 +42,9 @@ WINDOW_TITLE = "qnext-mlx chat"
 
 
 # ------------------------------------------------------------------ storage
-def app_data_dir(platform: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-                 home: Optional[Path] = None) -> Path:
+def app_data_dir(
+    platform: Optional[str] = None, env: Optional[Dict[str, str]] = None, home: Optional[Path] = None
+) -> Path:
     """Where the app keeps its conversations and settings.
 
     ``QNEXT_MLX_APP_DIR`` overrides it; otherwise ``~/Library/Application Support/qnext-mlx``
@@ -72,8 +73,12 @@ class AppSettings:
     thinking_expanded: bool = True
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "system": self.system, "sampling": self.sampling.to_dict(),
-                "thinking_expanded": self.thinking_expanded}
+        return {
+            "model": self.model,
+            "system": self.system,
+            "sampling": self.sampling.to_dict(),
+            "thinking_expanded": self.thinking_expanded,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "AppSettings":
@@ -241,8 +246,10 @@ def format_indicators(stats: Optional[ReplyStats], max_context: int) -> str:
     if stats is None:
         return f"context 0 / {max_context:,}" if max_context else ""
     pct = 100.0 * stats.context_tokens / max_context if max_context else 0.0
-    return (f"{stats.generation_tps:.1f} tok/s  |  prompt {stats.prompt_tokens} ({stats.cached_tokens} cached)  |  "
-            f"context {stats.context_tokens:,} / {max_context:,} ({pct:.1f}%)")
+    return (
+        f"{stats.generation_tps:.1f} tok/s  |  prompt {stats.prompt_tokens} ({stats.cached_tokens} cached)  |  "
+        f"context {stats.context_tokens:,} / {max_context:,} ({pct:.1f}%)"
+    )
 
 
 class ChatApp:
@@ -330,8 +337,19 @@ class ChatApp:
 
         body = ttk.Frame(right)
         body.pack(side="top", fill="both", expand=True, pady=6)
-        self.transcript = tk.Text(body, wrap="word", state="disabled", padx=8, pady=6, relief="flat", height=10,
-                                  font=("Helvetica", 12), spacing1=2, spacing3=2, cursor="arrow")
+        self.transcript = tk.Text(
+            body,
+            wrap="word",
+            state="disabled",
+            padx=8,
+            pady=6,
+            relief="flat",
+            height=10,
+            font=("Helvetica", 12),
+            spacing1=2,
+            spacing3=2,
+            cursor="arrow",
+        )
         scroll = ttk.Scrollbar(body, command=self.transcript.yview)
         self.transcript.configure(yscrollcommand=scroll.set)
         scroll.pack(side="right", fill="y")
@@ -604,9 +622,14 @@ class ChatApp:
 class SettingsDialog:
     """Model and sampling settings (a modal window)."""
 
-    FIELDS = [("temp", "Temperature", float), ("top_p", "Top p", float), ("top_k", "Top k", int),
-              ("min_p", "Min p", float), ("presence_penalty", "Presence penalty", float),
-              ("max_tokens", "Max tokens per reply", int)]
+    FIELDS = [
+        ("temp", "Temperature", float),
+        ("top_p", "Top p", float),
+        ("top_k", "Top k", int),
+        ("min_p", "Min p", float),
+        ("presence_penalty", "Presence penalty", float),
+        ("max_tokens", "Max tokens per reply", int),
+    ]
 
     def __init__(self, app: ChatApp):
         tk, ttk = app.tk, app.ttk
@@ -618,9 +641,13 @@ class SettingsDialog:
         frame.pack(fill="both", expand=True)
         s = app.settings
         self.vars = {}
-        ttk.Label(frame, text="Model (folder or Hugging Face repo; empty: demo model)").grid(row=0, column=0, columnspan=2, sticky="w")
+        ttk.Label(frame, text="Model (folder or Hugging Face repo; empty: demo model)").grid(
+            row=0, column=0, columnspan=2, sticky="w"
+        )
         self.model_var = tk.StringVar(value=s.model or "")
-        ttk.Entry(frame, textvariable=self.model_var, width=48).grid(row=1, column=0, columnspan=2, sticky="we", pady=(0, 8))
+        ttk.Entry(frame, textvariable=self.model_var, width=48).grid(
+            row=1, column=0, columnspan=2, sticky="we", pady=(0, 8)
+        )
         ttk.Label(frame, text="System message (new conversations)").grid(row=2, column=0, columnspan=2, sticky="w")
         self.system_text = tk.Text(frame, height=3, width=48, wrap="word")
         self.system_text.insert("1.0", s.system)
@@ -632,7 +659,9 @@ class SettingsDialog:
             self.vars[name] = var
         row = 4 + len(self.FIELDS)
         self.expanded_var = tk.BooleanVar(value=s.thinking_expanded)
-        ttk.Checkbutton(frame, text="Show thinking expanded", variable=self.expanded_var).grid(row=row, column=0, columnspan=2, sticky="w", pady=4)
+        ttk.Checkbutton(frame, text="Show thinking expanded", variable=self.expanded_var).grid(
+            row=row, column=0, columnspan=2, sticky="w", pady=4
+        )
         self.error = ttk.Label(frame, text="", foreground="#b00020")
         self.error.grid(row=row + 1, column=0, columnspan=2, sticky="w")
         buttons = ttk.Frame(frame)
@@ -656,14 +685,21 @@ class SettingsDialog:
             self.error.configure(text=str(e))
             return
         model = self.model_var.get().strip() or None
-        self.app.apply_settings(AppSettings(model=model, system=self.system_text.get("1.0", "end-1c").strip(),
-                                            sampling=sampling, thinking_expanded=self.expanded_var.get()))
+        self.app.apply_settings(
+            AppSettings(
+                model=model,
+                system=self.system_text.get("1.0", "end-1c").strip(),
+                sampling=sampling,
+                thinking_expanded=self.expanded_var.get(),
+            )
+        )
         self.win.destroy()
 
 
 # ------------------------------------------------------------------ running
-def run_app(store: ConversationStore, settings: AppSettings,
-            load_engine: Callable[[Optional[str]], Tuple[ChatEngine, str]]) -> int:
+def run_app(
+    store: ConversationStore, settings: AppSettings, load_engine: Callable[[Optional[str]], Tuple[ChatEngine, str]]
+) -> int:
     """Open the window on ``store`` with ``settings`` and run it until it is closed.
 
     ``load_engine(model)`` loads a model (None: the bundled demo model) on the
@@ -673,8 +709,10 @@ def run_app(store: ConversationStore, settings: AppSettings,
     try:
         import tkinter as tk
     except ImportError:
-        raise QnextError("this Python has no Tkinter (python.org and Homebrew's python-tk builds have it); "
-                         "use python -m qnext_mlx.chat instead") from None
+        raise QnextError(
+            "this Python has no Tkinter (python.org and Homebrew's python-tk builds have it); "
+            "use python -m qnext_mlx.chat instead"
+        ) from None
     try:
         root = tk.Tk(className="qnext-mlx")
     except tk.TclError as e:

@@ -31,9 +31,11 @@ HELP = """commands:
 
 def format_stats(stats: ReplyStats) -> str:
     """The line shown after a reply."""
-    parts = [f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s",
-             f"prompt {stats.prompt_tokens} tokens ({stats.cached_tokens} cached), {stats.prompt_tps:.0f} tok/s",
-             f"context {stats.context_tokens}/{stats.max_context}"]
+    parts = [
+        f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s",
+        f"prompt {stats.prompt_tokens} tokens ({stats.cached_tokens} cached), {stats.prompt_tps:.0f} tok/s",
+        f"context {stats.context_tokens}/{stats.max_context}",
+    ]
     if stats.finish_reason == "length":
         parts.append("stopped at the token limit")
     elif stats.finish_reason == "cancelled":
@@ -71,8 +73,13 @@ class CtrlCFlag:
 class ChatREPL:
     """The read-reply loop over a :class:`ChatSession` (``input_fn`` and ``out`` make it testable)."""
 
-    def __init__(self, session: ChatSession, out: TextIO = sys.stdout, color: bool = False,
-                 input_fn: Callable[[str], str] = input):
+    def __init__(
+        self,
+        session: ChatSession,
+        out: TextIO = sys.stdout,
+        color: bool = False,
+        input_fn: Callable[[str], str] = input,
+    ):
         self.session = session
         self.out = out
         self.color = color
@@ -118,8 +125,7 @@ class ChatREPL:
                 self.say("new conversation")
             elif name == "/system":
                 if not arg:
-                    self.say(f"system message: {self.session.system!r}" if self.session.system
-                             else "no system message")
+                    self.say(f"system message: {self.session.system!r}" if self.session.system else "no system message")
                 else:
                     self.session.system = None if arg == "-" else arg
                     self.say("system message cleared" if arg == "-" else "system message set")

@@ -1,0 +1,7 @@
+"""Front ends people use directly.
+
+| module | holds |
+| --- | --- |
+| ``terminal`` | the terminal chat (:class:`ChatREPL`) and how reasoning is shown in a terminal |
+| ``desktop`` | the Tk desktop app: window, conversation store, generation thread |
+"""
