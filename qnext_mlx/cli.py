@@ -29,7 +29,10 @@ from .serve.chat_session import SamplingSettings
 
 __all__ = [
     "Parser",
+    "MODEL_HELP",
     "add_chat_options",
+    "add_kv_arguments",
+    "add_reply_arguments",
     "add_rope_arguments",
     "add_sampling_arguments",
     "apply_rope_arguments",
@@ -119,25 +122,37 @@ def add_sampling_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None
     )
 
 
+MODEL_HELP = "model folder or Hugging Face repo id (default: the bundled demo model)"
+
+
+def add_reply_arguments(
+    p: argparse.ArgumentParser, max_tokens_help: str = "most tokens per reply", seed_help: str = "random seed"
+) -> None:
+    """``--max-tokens``, the sampling flags, ``--presence-penalty`` and ``--seed`` (generate, chat)."""
+    p.add_argument("--max-tokens", type=ranged(int, 1), default=DEFAULT_MAX_TOKENS,
+                   help=f"{max_tokens_help} (default {DEFAULT_MAX_TOKENS})")  # fmt: skip
+    add_sampling_arguments(p)
+    p.add_argument("--presence-penalty", type=ranged(float, -2, 2), default=0.0,
+                   help="penalty for tokens already generated, 0..2 against repetition (default 0)")  # fmt: skip
+    p.add_argument("--seed", type=ranged(int, 0, 2**64 - 1), default=None, help=seed_help)
+
+
+def add_kv_arguments(
+    p: argparse.ArgumentParser, help: str = "quantize the attention KV cache", group_size: bool = True
+) -> None:
+    """``--kv-bits {4,8}`` and, with ``group_size``, ``--kv-group-size {32,64,128}``."""
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help=help)
+    if group_size:
+        p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64,
+                       help="group size of the quantized KV cache (default 64)")  # fmt: skip
+
+
 def add_chat_options(p: argparse.ArgumentParser) -> None:
     """Model and sampling options shared by the terminal chat and the desktop app's first start."""
-    p.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled demo model)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--system", help="system message")
-    p.add_argument(
-        "--max-tokens",
-        type=ranged(int, 1),
-        default=DEFAULT_MAX_TOKENS,
-        help=f"most tokens per reply (default {DEFAULT_MAX_TOKENS})",
-    )
-    add_sampling_arguments(p)
-    p.add_argument(
-        "--presence-penalty",
-        type=ranged(float, -2, 2),
-        default=0.0,
-        help="penalty for tokens already generated, 0..2 against repetition (default 0)",
-    )
-    p.add_argument("--seed", type=ranged(int, 0, 2**64 - 1), default=None, help="random seed")
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
+    add_reply_arguments(p)
+    add_kv_arguments(p, group_size=False)
     # --max-context N: the conversation limit, and YaRN when N exceeds the native window
     add_rope_arguments(p)
 

@@ -15,10 +15,18 @@ from typing import Optional, Sequence
 
 from .checkpoint.paths import REAL_MODEL_REPO, resolve_model_arg
 from .checkpoint.reader import load
-from .cli import Parser, add_rope_arguments, add_sampling_arguments, apply_rope_arguments, ranged, run_cli
+from .cli import (
+    MODEL_HELP,
+    Parser,
+    add_kv_arguments,
+    add_reply_arguments,
+    add_rope_arguments,
+    apply_rope_arguments,
+    ranged,
+    run_cli,
+)
 from .engine import speculative
 from .engine.primitives import DEFAULT_PREFILL_STEP_SIZE
-from .engine.sampling import DEFAULT_MAX_TOKENS
 from .engine.stream import GenerationResponse, stream_generate
 from .engine.text import ThinkFilter, encode_prompt, format_prompt, prompt_opens_think, static_prefix_len
 from .errors import QnextError
@@ -31,38 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m qnext_mlx.generate",
         description="Generate text with Qwen3-Next in MLX. Text goes to stdout, stats to stderr.",
     )
-    p.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled demo model)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the prompt; '-' reads it from stdin")
     p.add_argument("--system", help="system message (chat template)")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
-    p.add_argument(
-        "--max-tokens",
-        type=ranged(int, 1),
-        default=DEFAULT_MAX_TOKENS,
-        help=f"most tokens to generate (default {DEFAULT_MAX_TOKENS})",
-    )
-    add_sampling_arguments(p)
-    p.add_argument(
-        "--presence-penalty",
-        type=ranged(float, -2, 2),
-        default=0.0,
-        help="penalty for tokens already generated, 0..2 against repetition (default 0)",
-    )
+    add_reply_arguments(p, max_tokens_help="most tokens to generate", seed_help="random seed (reproducible sampling)")
     p.add_argument(
         "--repetition-penalty",
         type=ranged(float, 0, lo_open=True),
         default=None,
         help="multiplicative penalty over the last 20 tokens (default off)",
     )
-    p.add_argument("--seed", type=ranged(int, 0, 2**64 - 1), default=None, help="random seed (reproducible sampling)")
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
-    p.add_argument(
-        "--kv-group-size",
-        type=int,
-        choices=[32, 64, 128],
-        default=64,
-        help="group size of the quantized KV cache (default 64)",
-    )
+    add_kv_arguments(p)
     p.add_argument(
         "--prefill-step-size",
         type=ranged(int, 1),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .checkpoint.paths import load_config, resolve_model_path
-from .cli import Parser, add_rope_arguments, apply_rope_arguments, parse_token_count
+from .cli import Parser, add_kv_arguments, add_rope_arguments, apply_rope_arguments, parse_token_count
 from .engine.plan import DEFAULT_CHUNK, GiB, make_plan, render
 from .errors import QnextError
 from .model import ModelConfig
@@ -33,14 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--context", required=True, type=parse_token_count, help="context length in tokens (e.g. 262144, 256K, 1M)"
     )
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantized KV cache (default 16-bit)")
-    p.add_argument(
-        "--kv-group-size",
-        type=int,
-        choices=[32, 64, 128],
-        default=64,
-        help="group size of the quantized KV cache (default 64)",
-    )
+    add_kv_arguments(p, help="quantized KV cache (default 16-bit)")
     p.add_argument(
         "--q-bits",
         type=int,

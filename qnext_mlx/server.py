@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .cli import Parser, add_rope_arguments, add_sampling_arguments, ranged, run_cli
+from .cli import MODEL_HELP, Parser, add_kv_arguments, add_rope_arguments, add_sampling_arguments, ranged, run_cli
 from .engine.sampling import DEFAULT_MAX_TOKENS
 from .serve.chat_session import ChatEngine, SamplingSettings, load_chat_engine
 from .serve.http import (
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m qnext_mlx.server",
         description="OpenAI-compatible server for Qwen3-Next in MLX (chat, completions, tool calls).",
     )
-    p.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled demo model)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(
         "--host",
         default=DEFAULT_HOST,
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
         help="largest request body in MiB (default 8)",
     )
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the attention KV cache")
+    add_kv_arguments(p, group_size=False)
     p.add_argument(
         "--max-tokens",
         type=ranged(int, 1),
