@@ -52,7 +52,7 @@ def main(
         if load_engine is None:
 
             def load_engine(model):
-                return load_chat_engine(model, quiet=True, max_context=args.max_context, rope_args=args, cache_size=3)
+                return load_chat_engine(model, quiet=True, max_context=args.max_context, rope_args=args)
 
         return run_app(store, settings, load_engine)
     except QnextError as e:

@@ -43,9 +43,7 @@ def _run(args, engine: Optional[ChatEngine]) -> int:
     name = "model"
     if engine is None:
         print("loading the model ...", file=sys.stderr, flush=True)
-        engine, name = load_chat_engine(
-            args.model, cache_size=1, kv_bits=args.kv_bits, max_context=args.max_context, rope_args=args
-        )
+        engine, name = load_chat_engine(args.model, kv_bits=args.kv_bits, max_context=args.max_context, rope_args=args)
     elif args.max_context:
         engine.max_context = args.max_context
     session = ChatSession(engine, system=args.system, settings=settings_from_args(args))

@@ -13,8 +13,9 @@ import sys
 from typing import Optional, Sequence
 
 from .cli import MODEL_HELP, Parser, add_kv_arguments, add_rope_arguments, add_sampling_arguments, ranged, run_cli
+from .engine.batch import DEFAULT_MAX_BATCH
 from .engine.sampling import DEFAULT_MAX_TOKENS
-from .serve.chat_session import ChatEngine, SamplingSettings, load_chat_engine
+from .serve.chat_session import DEFAULT_PREFIX_CACHE_BYTES, ChatEngine, SamplingSettings, load_chat_engine
 from .serve.http import (
     DEFAULT_HOST,
     DEFAULT_MAX_QUEUE,
@@ -51,10 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"requests that may wait for the model; more are answered 503 (default {DEFAULT_MAX_QUEUE})",
     )
     p.add_argument(
-        "--prompt-cache-size",
-        type=ranged(int, 1),
-        default=2,
-        help="conversations whose prompt cache is kept between requests (default 2)",
+        "--max-batch",
+        type=ranged(int, 1, 256),
+        default=DEFAULT_MAX_BATCH,
+        help=f"requests decoded together in one batch (default {DEFAULT_MAX_BATCH})",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=ranged(float, 0),
+        default=DEFAULT_PREFIX_CACHE_BYTES / 2**20,
+        help="memory for the states kept for prefix reuse across requests and turns, in MiB "
+        f"(default {DEFAULT_PREFIX_CACHE_BYTES // 2**20}; 0 turns reuse off)",
     )
     p.add_argument(
         "--max-request-mb",
@@ -83,7 +91,9 @@ def _run(args) -> int:
     def load_engine() -> ChatEngine:
         engine, names["model"] = load_chat_engine(
             args.model,
-            cache_size=args.prompt_cache_size,
+            max_batch=args.max_batch,
+            max_waiting=args.max_queue,
+            prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
             kv_bits=args.kv_bits,
             max_context=args.max_context,
             rope_args=args,

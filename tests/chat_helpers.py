@@ -84,19 +84,32 @@ class ScriptedModel:
     def __call__(self, ids, cache=None, **kwargs):
         out = self._model(ids, cache=cache, **kwargs)
         logits = out[0] if isinstance(out, tuple) else out  # (logits, hidden) with return_hidden
-        tokens = cache.tokens
+        if hasattr(cache, "tokens"):  # a one-row ModelCache: it records what it has seen
+            rows = [cache.tokens]
+        else:  # the batch engine's BatchCache: each row's tokens so far, plus this call's
+            new = ids.tolist()
+            rows = [list(fed) + row for fed, row in zip(cache.fed, new)]
+        forced = [self._force(tokens, logits[b : b + 1]) for b, tokens in enumerate(rows)]
+        if all(f is None for f in forced):
+            return out
+        stacked = mx.concatenate([f if f is not None else logits[b : b + 1] for b, f in enumerate(forced)])
+        return (stacked,) + tuple(out[1:]) if isinstance(out, tuple) else stacked
+
+    def _force(self, tokens: List[int], logits):
+        """``logits [1, L, vocab]`` of the last ``L`` of ``tokens`` with the scripted reply forced,
+        or None when ``tokens`` is not a chat prompt (the model's own logits stay)."""
         h = len(self._header)
         start = None
         for i in range(len(tokens) - h, -1, -1):
             if tokens[i : i + h] == self._header:
                 start = i + h
                 break
-        if start is None:  # not a chat prompt: the model's own logits
-            return out
+        if start is None:
+            return None
         reply = self._reply(tuple(tokens[:start]))
-        # Position j of this call predicts token p + 1 (p: its index in the cache's
-        # record); force every position at or after the reply's start, so a
-        # multi-token verify pass (speculative decoding) is scripted too.
+        # Position j of this call predicts token p + 1 (p: its index in the record); force
+        # every position at or after the reply's start, so a multi-token verify pass
+        # (speculative decoding) is scripted too.
         L, vocab = logits.shape[1], logits.shape[-1]
         first = len(tokens) - L
         rows = []
@@ -107,8 +120,7 @@ class ScriptedModel:
                 continue
             target = reply[k] if k < len(reply) else self._eos
             rows.append(mx.where(mx.arange(vocab) == target, 0.0, -1e9).astype(logits.dtype)[None])
-        forced = mx.stack(rows, axis=1)
-        return (forced,) + tuple(out[1:]) if isinstance(out, tuple) else forced
+        return mx.stack(rows, axis=1)
 
 
 def last_user_text(prompt_text: str) -> str:

@@ -53,9 +53,7 @@ def model_dir(hf_checkpoint):
 def scripted_loader(model_dir):
     def load_engine(model_arg):
         model, tokenizer = qnext_mlx.load(model_dir)
-        return ChatEngine(
-            ScriptedModel(model, tokenizer, responder), tokenizer, cache_size=3, max_context=8192
-        ), "scripted"
+        return ChatEngine(ScriptedModel(model, tokenizer, responder), tokenizer, max_context=8192), "scripted"
 
     return load_engine
 

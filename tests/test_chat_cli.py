@@ -35,7 +35,7 @@ def responder(prompt):
     return "You said " + user + "."
 
 model, tokenizer = qnext_mlx.load({model!r})
-engine = ChatEngine(ScriptedModel(model, tokenizer, responder), tokenizer, cache_size=1, max_context=4096)
+engine = ChatEngine(ScriptedModel(model, tokenizer, responder), tokenizer, max_context=4096)
 sys.exit(chat.main(sys.argv[1:], engine=engine))
 """
 
@@ -64,7 +64,7 @@ def on_chunk(n):
 
 model, tokenizer = qnext_mlx.load({model!r})
 scripted = ScriptedModel(model, tokenizer, lambda p: "You said " + last_user_text(p)[:20] + ".")
-engine = ChatEngine(ChunkGate(scripted, on_chunk), tokenizer, cache_size=1, max_context=4096, prefill_step_size=8)
+engine = ChatEngine(ChunkGate(scripted, on_chunk), tokenizer, max_context=4096, prefill_step_size=8)
 sys.exit(chat.main(sys.argv[1:], engine=engine))
 """
 
@@ -321,7 +321,7 @@ def scripted_engine(model_dir):
 
     model, tokenizer = qnext_mlx.load(model_dir)
     scripted = ScriptedModel(model, tokenizer, lambda p: f"You said {last_user_text(p)}.")
-    return ChatEngine(scripted, tokenizer, cache_size=2, max_context=4096)
+    return ChatEngine(scripted, tokenizer, max_context=4096)
 
 
 def _reply(session, text):

@@ -409,7 +409,8 @@ def test_client_disconnect_during_prefill_frees_the_worker(model_dir):
     def on_chunk(n):
         if n == 1:  # the first chunk waits here until the server has noticed the client left
             first_chunk.set()
-            assert server.app.worker.current.cancel.wait(30)
+            (job,) = server.app.worker.in_flight
+            assert job.reply.handle.wait_cancelled(30)
 
     def wrap(model):
         gate["model"] = ChunkGate(model, on_chunk)
@@ -444,7 +445,8 @@ def test_client_disconnect_during_prefill_frees_the_worker(model_dir):
 
 
 def test_full_queue_answers_503(model_dir):
-    server, _ = _start(model_dir, max_queue=1)
+    # One reply decodes at a time (a batch of one), one may wait: a third is refused.
+    server, _ = _start(model_dir, max_queue=1, engine_kwargs={"max_batch": 1})
     port = server.server_address[1]
     socks = []
     try:
@@ -467,7 +469,7 @@ def test_full_queue_answers_503(model_dir):
         for s in socks:
             s.close()
         # Both streams are cancelled once their clients are gone; the server stops promptly.
-        assert _wait_for(lambda: server.app.worker.jobs.qsize() == 0 and not server.app.worker.busy)
+        assert _wait_for(lambda: server.app.worker.waiting == 0 and not server.app.worker.busy)
         stop_server(server)
 
 

@@ -321,6 +321,7 @@ def speculative_generate_tokens(
     progress: Optional[bool] = None,
     checkpoint_at: Sequence[int] = (),
     should_stop: Optional[StopCheck] = None,
+    keep_last_unfed: bool = False,
 ) -> Iterator[Tuple[int, mx.array]]:
     """The MTP counterpart of :func:`qnext_mlx.engine.decode.generate_tokens` (same
     contract): yields ``(token, logprobs [vocab])`` for up to ``max_tokens`` tokens.
@@ -333,6 +334,10 @@ def speculative_generate_tokens(
     ``should_stop`` fires between prefill chunks as there: nothing is yielded and
     the cache (MTP part included: each chunk's pairs are fed with it) holds the
     prompt prefix processed so far.
+
+    ``keep_last_unfed``: when the caller closes the generator, leave the last yielded
+    token out of the cache (it then holds prompt + the yielded tokens but the last),
+    so that a caller taking the sequence over (the batch engine) feeds it itself.
     """
     if not mtp_available(model):
         raise ValueError("this model has no MTP head (no mtp.* tensors); decode without MTP")
@@ -400,23 +405,30 @@ def speculative_generate_tokens(
     last = None  # (captured states, base offset, kept tokens, tokens emitted) of the last step
     in_step = 0  # tokens of the last step yielded so far
 
-    def finish() -> None:
+    def finish(feed_last: bool = True) -> None:
         """Bring the cache to exactly prompt + yielded tokens (closed in the middle
         of a step: roll back the accepted drafts not yielded; the last yielded token
-        is fed) and give the MTP cache the pairs whose next token is known."""
+        is fed), or with ``feed_last=False`` to prompt + the yielded tokens but the last,
+        and give the MTP cache the pairs whose next token is known."""
         nonlocal y
         with mx.stream(stream):
             if last is not None and in_step < last[3]:
                 captured, base, kept, n_out = last
                 del known[len(known) - (n_out - in_step) :]
                 y = None  # a pending token is the step's last one, not yielded
-                if in_step + 1 < kept:
-                    rollback(cache, captured, base, in_step + 1)
-                    feed.drop_last(kept - (in_step + 1))
-            if y is not None:
+                keep = in_step + 1 if feed_last else in_step  # tokens of the verify pass that stay
+                if keep < kept:
+                    rollback(cache, captured, base, keep)
+                    feed.drop_last(kept - keep)
+            elif not feed_last and y is None and last is not None:
+                # the last yielded token went through the verify pass: take it out again
+                captured, base, kept, _ = last
+                rollback(cache, captured, base, kept - 1)
+                feed.drop_last(1)
+            if y is not None and feed_last:
                 _, h_last = forward(model, cache, mx.array([[y]], dtype=mx.int32), return_hidden=True)
                 feed.add(h_last)
-                y = None
+            y = None
             feed.run(min(feed.pending(), len(known) - 1 - feed.offset))
             eval_cache(cache)
 
@@ -493,5 +505,5 @@ def speculative_generate_tokens(
                 mx.clear_cache()
         finish()
     except GeneratorExit:
-        finish()
+        finish(feed_last=not keep_last_unfed)
         raise

@@ -1,10 +1,9 @@
 """Streamed generation: prompt reuse, detokenization, EOS and stop strings, stats.
 
-:func:`stream_generate` is what every surface generates through (the CLI, and the
-chat engine behind the server, the terminal chat and the app): it reuses what the
-prompt cache holds, runs :func:`~qnext_mlx.engine.decode.generate_tokens` (plain
-or MTP speculative decoding) and yields :class:`GenerationResponse` pieces;
-:func:`generate` collects the text.
+:func:`stream_generate` runs one prompt through a one-request
+:class:`~qnext_mlx.engine.batch.BatchEngine`, the generation path every surface shares
+(prompt reuse, plain or MTP speculative decoding, detokenization, stop strings), and
+yields :class:`GenerationResponse` pieces; :func:`generate` collects the text.
 """
 
 from __future__ import annotations
@@ -16,11 +15,9 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
 from ..model.cache import ModelCache
-from . import speculative
-from .decode import generate_tokens
+from .batch import BatchEngine, GenerationRequest, RequestHandle, SamplingParams
 from .primitives import DEFAULT_PREFILL_STEP_SIZE, StopCheck, generation_stream, mlx_lm_generate
 from .sampling import (
     DEFAULT_MAX_TOKENS,
@@ -30,12 +27,10 @@ from .sampling import (
     DEFAULT_TOP_P,
     LogitsProcessor,
     Sampler,
-    check_sampling,
-    make_logits_processors,
 )
-from .text import encode_prompt, stop_holdback
+from .text import encode_prompt
 
-__all__ = ["GenerationResponse", "generate", "mtp_decoding", "peak_memory_gb", "stream_generate"]
+__all__ = ["GenerationResponse", "generate", "peak_memory_gb", "responses", "stream_generate"]
 
 
 @dataclass
@@ -101,7 +96,8 @@ def stream_generate(
         temp, top_p, top_k, min_p: sampling (model-card defaults); ``temp=0`` is greedy.
         presence_penalty: subtracted from the logits of tokens already generated.
         repetition_penalty: mlx-lm's multiplicative penalty over the last 20 tokens.
-        seed: seeds MLX's random generator first (reproducible sampling).
+        seed: the request's random key (reproducible sampling); MLX's global generator
+            is seeded with it too, for a custom ``sampler``.
         prompt_cache: a :class:`ModelCache` to use and update; the part of the prompt
             it already holds is not processed again (see :meth:`ModelCache.reuse`).
             Without one, a fresh cache with ``kv_bits`` / ``kv_group_size`` is made.
@@ -128,136 +124,60 @@ def stream_generate(
     ``max_tokens`` or ``should_stop``; the last response has ``finish_reason``
     "stop", "length" or "cancelled" and the final stats.
     """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    check_sampling(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty)
-    decoding = mtp_decoding(model, mtp, num_draft_tokens, sampler, temp, top_p, top_k, min_p)
     if seed is not None:
-        mx.random.seed(seed)
+        mx.random.seed(seed)  # a custom sampler draws from MLX's global generator
     ids = encode_prompt(tokenizer, prompt)
-    if not ids:
-        raise ValueError("the prompt is empty")
     cache = prompt_cache if prompt_cache is not None else model.make_cache(kv_bits=kv_bits, kv_group_size=kv_group_size)
-    if sampler is None:
-        sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    if logits_processors is None:
-        logits_processors = make_logits_processors(
-            len(ids), presence_penalty, repetition_penalty, presence_context_size=max_tokens
-        )
-    stops = [s for s in (stop_strings or []) if s]
-    eos = set(tokenizer.eos_token_ids)
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
+    custom_processors = logits_processors is not None
+    sampling = SamplingParams(
+        temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        presence_penalty=0.0 if custom_processors else presence_penalty,
+        repetition_penalty=None if custom_processors else repetition_penalty, seed=seed,
+    )  # fmt: skip
+    engine = BatchEngine(model, tokenizer, max_batch=1, kv_bits=cache.kv_bits, kv_group_size=cache.kv_group_size,
+                         prefill_step_size=prefill_step_size)  # fmt: skip
+    handle = engine.submit(GenerationRequest(
+        ids, max_tokens=max_tokens, sampling=sampling, stop=list(stop_strings or []), checkpoints=checkpoint_at,
+        prompt_cache=cache, sampler=sampler, logits_processors=logits_processors, mtp=mtp,
+        num_draft_tokens=num_draft_tokens, progress=progress, prefill_step_size=prefill_step_size,
+    ))  # fmt: skip
+    yield from responses(handle, len(ids), should_stop)
 
-    tic = time.perf_counter()
-    cached = cache.reuse(ids)
-    tokens = generate_tokens(
-        model,
-        cache,
-        ids,
-        max_tokens=max_tokens,
-        logits_processors=logits_processors,
-        prefill_step_size=prefill_step_size,
-        progress=progress,
-        checkpoint_at=checkpoint_at,
-        sampler=None if decoding else sampler,
-        mtp=decoding,
-        should_stop=should_stop,
-    )
-    pending = ""  # text held back because it may be the start of a stop string
-    prompt_tps = 0.0
+
+def responses(handle: RequestHandle, prompt_tokens: int, should_stop: Optional[StopCheck] = None,
+              ) -> Iterator[GenerationResponse]:  # fmt: skip
+    """A one-choice request's events as :class:`GenerationResponse` pieces (running counts
+    and speeds, the final stats on the last); closed early or interrupted, the request is
+    aborted and its ``prompt_cache`` keeps what was processed."""
+    engine = handle.engine
     n = 0
-    token, logprobs = None, None
-
-    def response(text: str, finish: Optional[str]) -> GenerationResponse:
-        elapsed = time.perf_counter() - tic
-        stats = decoding.stats if decoding else None
-        return GenerationResponse(
-            text=text,
-            token=token,
-            logprobs=logprobs,
-            from_draft=bool(stats and stats.from_draft),
-            prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=n / elapsed if elapsed > 0 else 0.0,
-            peak_memory=peak_memory_gb(),
-            finish_reason=finish,
-            cached_tokens=cached,
-            draft_tokens=decoding.num_draft_tokens if decoding else 0,
-            acceptance_rate=stats.acceptance_rate if stats else None,
-            mean_accepted_length=stats.mean_accepted_length if stats else None,
-        )
-
-    with mlx_lm_generate.wired_limit(model, [generation_stream]):
+    tic = time.perf_counter()
+    first = None
+    token = None  # the last token (a cancelled reply's last response repeats it)
+    with mlx_lm_generate.wired_limit(engine.model, [generation_stream]):
         try:
-            for token, logprobs in tokens:
-                if n == 0:
-                    prompt_time = time.perf_counter() - tic
-                    prompt_tps = (len(ids) - cached) / prompt_time if prompt_time > 0 else 0.0
-                    tic = time.perf_counter()
-                n += 1
-                if token in eos:
-                    detokenizer.finalize()
-                    yield response(pending + detokenizer.last_segment, "stop")
+            while True:
+                event = handle.get(should_stop=should_stop)
+                if event is None:
                     return
-                detokenizer.add_token(token)
-                if n == max_tokens:
-                    detokenizer.finalize()
-                text = pending + detokenizer.last_segment
-                if stops:
-                    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-                    if hits:
-                        yield response(text[: min(hits)], "stop")
-                        return
-                    hold = 0 if n == max_tokens else stop_holdback(text, stops)
-                    text, pending = text[: len(text) - hold], text[len(text) - hold :]
-                if n == max_tokens:
-                    yield response(text, "length")
+                if event.token is not None:
+                    n += 1
+                    first = first or time.perf_counter()
+                    token = event.token
+                stats = event.stats or engine.progress(handle)
+                elapsed = time.perf_counter() - (first or tic)
+                yield GenerationResponse(
+                    text=event.text, token=token, logprobs=event.logprobs, from_draft=event.from_draft,
+                    prompt_tokens=prompt_tokens, prompt_tps=stats.prompt_tps,
+                    generation_tokens=n, generation_tps=n / elapsed if elapsed > 0 else 0.0,
+                    peak_memory=peak_memory_gb(), finish_reason=event.finish_reason,
+                    cached_tokens=stats.cached_tokens, draft_tokens=stats.num_draft_tokens,
+                    acceptance_rate=stats.acceptance_rate, mean_accepted_length=stats.mean_accepted_length,
+                )  # fmt: skip
+                if event.finish_reason is not None:
                     return
-                yield response(text, None)
-                if should_stop is not None and should_stop():
-                    detokenizer.finalize()  # text held back (stop-string prefix, partial character) goes out
-                    yield response(pending + detokenizer.last_segment, "cancelled")
-                    return
-            # generate_tokens yields at least one token unless should_stop fired during
-            # the prefill: the reply is cancelled before its first token.
-            elapsed = time.perf_counter() - tic
-            prompt_tps = (cache.offset - cached) / elapsed if elapsed > 0 else 0.0
-            yield response("", "cancelled")
         finally:
-            tokens.close()
-
-
-def mtp_decoding(
-    model,
-    mtp: Optional[bool],
-    num_draft_tokens: Optional[int],
-    sampler,
-    temp: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-):
-    """The :class:`~qnext_mlx.engine.speculative.MTPDecoding` for :func:`stream_generate`, or None
-    (plain decoding): ``mtp`` None means :func:`~qnext_mlx.engine.speculative.mtp_default`."""
-    if num_draft_tokens is not None and not 1 <= num_draft_tokens <= speculative.MAX_DRAFT_TOKENS:
-        raise ValueError(f"num_draft_tokens must be in 1..{speculative.MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
-    if mtp is None:
-        mtp = sampler is None and speculative.mtp_default(model)
-    if not mtp:
-        return None
-    if not speculative.mtp_available(model):
-        raise ValueError("this model has no MTP head (no mtp.* tensors; converted without it?); decode without MTP")
-    if sampler is not None:
-        raise ValueError("MTP decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
-    return speculative.MTPDecoding(
-        num_draft_tokens=num_draft_tokens or speculative.DEFAULT_NUM_DRAFT_TOKENS,
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-    )
+            engine.abort(handle)
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:

@@ -252,6 +252,35 @@ class ModelCache(list):
         self._offset = snapshot.offset
         self._protect_snapshots()
 
+    def adopt(self, snapshot: CacheSnapshot) -> None:
+        """Put this cache in the state of ``snapshot`` taken from *another* cache (a shared
+        prefix pool): like :meth:`restore`, but the attention KV is copied by reference
+        into new array objects, so that writing on from here never touches the buffers
+        ``snapshot`` (and whoever else adopted it) still reads."""
+        if len(snapshot.layers) != len(self) or len(snapshot.mtp) != len(self.mtp):
+            raise ValueError("snapshot was taken from a cache with a different layer layout")
+        for group, entries in ((self, snapshot.layers), (self.mtp, snapshot.mtp)):
+            for c, entry in zip(group, entries):
+                if entry[0] == "kv":
+                    _, keys, values, offset = entry
+                    entry = ("kv", _detach_prefix(keys, offset), _detach_prefix(values, offset), offset)
+                _apply(c, entry)
+        self._token_chunks = list(snapshot.token_chunks)
+        self._offset = snapshot.offset
+
+    def set_state(self, layers: Sequence, tokens: Sequence[int]) -> None:
+        """Replace the layer caches with ``layers`` (one per decoder layer, as mlx-lm caches)
+        and the token record with ``tokens`` (what they hold); the MTP caches are kept.
+        For states computed elsewhere (a batch row taken back into a one-row cache)."""
+        if len(layers) != len(self):
+            raise ValueError(f"{len(layers)} layer caches for a model of {len(self)} layers")
+        for i, c in enumerate(layers):
+            self[i] = c
+        ids = mx.array([list(tokens)], dtype=mx.int32) if len(tokens) else None
+        self._token_chunks = [ids] if ids is not None else []
+        self._offset = len(tokens)
+        self._protect_snapshots()
+
     def _protect_snapshots(self) -> None:
         """After a rewind: detach KV buffers shared with a live snapshot that reaches further."""
         alive = list(self._snapshots)

@@ -6,12 +6,12 @@ reply parser, reasoning and tool calls, is :mod:`qnext_mlx.serve.reply`):
 * :func:`render_prompt` / :meth:`ChatEngine.prepare`: messages (and tools) -> prompt
   text and token ids through the tokenizer's chat template (Qwen3's puts the tools
   in the system turn and renders ``role: tool`` results as ``<tool_response>``);
-* :class:`CachePool`: a few :class:`~qnext_mlx.model.cache.ModelCache` objects kept
-  across requests; each prompt takes the one holding the longest prefix of it, so
-  a follow-up message of the same conversation only prefills the new part;
-* :class:`ChatEngine`: runs one reply through :func:`qnext_mlx.engine.stream.stream_generate`
-  (the only generation path, so speculative decoding there applies everywhere),
-  with cancellation between prefill chunks and between tokens;
+* :class:`ChatEngine`'s prefix cache (:class:`~qnext_mlx.engine.prefix_cache.PrefixCache`):
+  snapshots at the message boundaries of every prompt and the end of every reply, one
+  pool for all conversations, so a follow-up turn only prefills what is new;
+* :class:`ChatEngine`: runs replies through the batch engine
+  (:class:`~qnext_mlx.engine.batch.BatchEngine`, the one generation path), with
+  cancellation between prefill chunks and between tokens;
 * :class:`ChatSession`: one conversation (history, system message, sampling
   settings), saved to / loaded from JSON.
 """
@@ -32,7 +32,18 @@ import mlx.core as mx
 from ..atomic import atomic_path
 from ..checkpoint.paths import REAL_MODEL_REPO, resolve_model_arg
 from ..checkpoint.reader import load
-from ..engine.primitives import generation_stream
+from ..engine.batch import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_WAITING,
+    BatchEngine,
+    EngineObserver,
+    GenerationRequest,
+    RequestHandle,
+    SamplingParams,
+    TokenEvent,
+)
+from ..engine.prefix_cache import PrefixCache
+from ..engine.primitives import DEFAULT_PREFILL_STEP_SIZE, generation_stream
 from ..engine.sampling import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_P,
@@ -41,7 +52,7 @@ from ..engine.sampling import (
     DEFAULT_TOP_P,
     check_sampling,
 )
-from ..engine.stream import stream_generate
+from ..engine.stream import peak_memory_gb
 from ..engine.text import prompt_opens_think
 from ..errors import CacheError, QnextError
 from ..kernels.lanes import forget_lane_streams
@@ -85,6 +96,12 @@ class SamplingSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's view of these settings."""
+        return SamplingParams(temp=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
+                              seed=self.seed)  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingSettings":
@@ -199,61 +216,12 @@ class ReplyStats:
     peak_memory: float = 0.0
     context_tokens: int = 0
     max_context: int = 0
-
-
-# -------------------------------------------------------------- cache reuse
-class CachePool:
-    """Up to ``size`` prompt caches, most recently used last.
-
-    :meth:`take` hands out the cache that holds the longest prefix of a prompt
-    (several conversations can alternate without evicting each other); with no
-    match it takes a fresh cache, or recycles the least recently used one.
-    """
-
-    def __init__(self, model, size: int = 2, kv_bits: Optional[int] = None, kv_group_size: int = 64):
-        if size < 1:
-            raise ValueError(f"the prompt cache pool needs size >= 1, got {size}")
-        self.model = model
-        self.size = size
-        self.kv_bits = kv_bits
-        self.kv_group_size = kv_group_size
-        self.caches: List[ModelCache] = []
-
-    def new_cache(self) -> ModelCache:
-        return self.model.make_cache(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
-
-    def take(self, ids: Sequence[int]) -> ModelCache:
-        """The cache to generate ``ids`` with (it becomes the most recently used)."""
-        best, best_n = None, 0
-        for cache in self.caches:
-            n = cache.reusable(ids)
-            if n > best_n:
-                best, best_n = cache, n
-        if best is None:
-            if len(self.caches) >= self.size:
-                self.caches.pop(0)  # least recently used; dropping it frees its memory
-            best = self.new_cache()
-        else:
-            self.caches.remove(best)
-        self.caches.append(best)
-        return best
-
-    def put(self, cache: ModelCache) -> None:
-        """Add ``cache`` (e.g. loaded from a file) as the most recently used."""
-        if cache in self.caches:
-            self.caches.remove(cache)
-        self.caches.append(cache)
-        del self.caches[: max(0, len(self.caches) - self.size)]
-
-    def latest(self) -> Optional[ModelCache]:
-        """The most recently used cache, if any."""
-        return self.caches[-1] if self.caches else None
-
-    def clear(self) -> None:
-        self.caches.clear()
+    time_to_first_token: float = 0.0
 
 
 # ------------------------------------------------------------------ engine
+# The prefix cache's default budget: about 50 snapshots of the 80B's DeltaNet state.
+DEFAULT_PREFIX_CACHE_BYTES = 4 << 30
 DEMO_MODEL_ID = "qnext-mlx-demo"
 
 
@@ -265,7 +233,7 @@ def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, ro
     generate. Raises :class:`QnextError` subclasses (one line) for a missing model or
     tokenizer. ``rope_args``: parsed long-context options (:func:`qnext_mlx.cli.add_rope_arguments`;
     ``--max-context N`` is then both the conversation limit and, past the native window,
-    the YaRN factor). ``engine_kwargs`` go to :class:`ChatEngine` (``cache_size``,
+    the YaRN factor). ``engine_kwargs`` go to :class:`ChatEngine` (``max_batch``, ``prefix_cache_bytes``,
     ``kv_bits``, ``max_context``, ...).
     """
     path, is_demo = resolve_model_arg(model_arg)
@@ -283,11 +251,14 @@ def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, ro
 
 
 class ChatEngine:
-    """A loaded model and tokenizer with a prompt-cache pool: prompts in, reply deltas out.
+    """A loaded model and tokenizer behind a :class:`~qnext_mlx.engine.batch.BatchEngine`
+    with a shared prefix cache: prompts in, reply deltas out.
 
-    Not thread-safe: MLX evaluation must stay on one thread, so one thread (the
-    server's worker, the app's generation thread, the terminal's main thread)
-    owns the engine; :meth:`prepare` only tokenizes and may run anywhere.
+    :meth:`prepare` only tokenizes and may run on any thread. Generation goes through
+    the batch engine, whose model thread is either an engine thread running
+    ``engine.run()`` (the server: then :meth:`start` / :meth:`generate` may be called
+    from many threads at once) or the one thread that also consumes the replies (the
+    terminal chat, the app's generation thread: iterating a reply drives the engine).
     """
 
     def __init__(
@@ -295,20 +266,30 @@ class ChatEngine:
         model,
         tokenizer,
         *,
-        cache_size: int = 2,
         kv_bits: Optional[int] = None,
         kv_group_size: int = 64,
         max_context: Optional[int] = None,
         prefill_step_size: Optional[int] = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_waiting: int = DEFAULT_MAX_WAITING,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        observer: Optional[EngineObserver] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.pool = CachePool(model, cache_size, kv_bits, kv_group_size)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.engine = BatchEngine(
+            model, tokenizer, max_batch=max_batch, max_waiting=max_waiting, prefix_cache=self.prefix_cache,
+            kv_bits=kv_bits, kv_group_size=kv_group_size,
+            prefill_step_size=prefill_step_size or DEFAULT_PREFILL_STEP_SIZE, observer=observer,
+        )  # fmt: skip
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         config = getattr(model, "config", None)
         # The RoPE setting's window: max_position_embeddings, or factor x original under YaRN.
         config_context = context_window(config) if isinstance(config, ModelConfig) else None
         self.max_context = max_context or config_context or 2**31 - 1
-        self.prefill_step_size = prefill_step_size
+        self._im_start = _token_id(tokenizer, "<|im_start|>")
+        self._assistant_header = list(tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False))
 
     # ........................................................... prompts
     def prepare(
@@ -323,36 +304,41 @@ class ChatEngine:
         text = render_prompt(self.tokenizer, messages, tools, template_kwargs)
         ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         self._check_length(ids)
-        checkpoints = []
-        n_system = 0
-        while n_system < len(messages) and messages[n_system].get("role") in ("system", "developer"):
-            n_system += 1
-        if (n_system or tools) and n_system < len(messages):
-            # The system message and tool list do not depend on the rest: keep a cache
-            # checkpoint at their end, so new conversations with them skip that part.
-            probes = [
-                self.tokenizer.encode(
-                    render_prompt(
-                        self.tokenizer,
-                        list(messages[:n_system]) + [{"role": "user", "content": c}],
-                        tools,
-                        template_kwargs,
-                        add_generation_prompt=False,
-                    ),
-                    add_special_tokens=False,
-                )
-                for c in ("x", "y")
-            ]
-            n = min(_common_prefix(*probes), _common_prefix(probes[0], ids))
-            if 0 < n < len(ids) - 1:
-                checkpoints.append(n)
         return PreparedPrompt(
             text=text,
             ids=ids,
             opens_think=prompt_opens_think(text),
             parse_tools=bool(tools) if parse_tools is None else parse_tools,
-            checkpoint_at=checkpoints,
+            checkpoint_at=self._boundaries(messages, tools, template_kwargs, ids),
         )
+
+    def _boundaries(self, messages, tools, template_kwargs, ids: List[int]) -> List[int]:
+        """Where a later prompt is likely to share this one's state: the end of the system
+        message and tool list, the start of every message and the end of every assistant
+        header (ChatML), so that the next turn reuses all the template left unchanged."""
+        marks = set()
+        n_system = 0
+        while n_system < len(messages) and messages[n_system].get("role") in ("system", "developer"):
+            n_system += 1
+        if (n_system or tools) and n_system < len(messages):
+            # The system message and tool list do not depend on the rest.
+            probes = [
+                self.tokenizer.encode(
+                    render_prompt(self.tokenizer, list(messages[:n_system]) + [{"role": "user", "content": c}],
+                                  tools, template_kwargs, add_generation_prompt=False),
+                    add_special_tokens=False,
+                )
+                for c in ("x", "y")
+            ]  # fmt: skip
+            marks.add(min(_common_prefix(*probes), _common_prefix(probes[0], ids)))
+        if self._im_start is not None:
+            header = self._assistant_header
+            for i, t in enumerate(ids):
+                if t == self._im_start:
+                    marks.add(i)
+                    if ids[i : i + len(header)] == header:
+                        marks.add(i + len(header))
+        return sorted(p for p in marks if 0 < p < len(ids))
 
     def prepare_text(self, prompt: Union[str, Sequence[int]]) -> PreparedPrompt:
         """A raw prompt (text as is, or token ids) for plain completion."""
@@ -380,68 +366,121 @@ class ChatEngine:
             )
 
     # ........................................................ generation
+    def start(self, prompt: PreparedPrompt, settings: SamplingSettings) -> "ChatReply":
+        """Submit a reply to ``prompt``; raises ValueError for bad settings and
+        :class:`~qnext_mlx.engine.batch.EngineBusyError` when too many requests wait."""
+        settings.validate()
+        max_tokens = max(1, min(settings.max_tokens, self.max_context - len(prompt.ids)))
+        request = GenerationRequest(
+            prompt.ids, max_tokens=max_tokens, sampling=settings.sampling_params(), stop=list(settings.stop),
+            checkpoints=prompt.checkpoint_at,
+        )  # fmt: skip
+        return ChatReply(self, prompt, self.engine.submit(request))
+
     def generate(
         self, prompt: PreparedPrompt, settings: SamplingSettings, cancel: Optional[Callable[[], bool]] = None
     ) -> Iterator[Union[Delta, ReplyStats]]:
         """Generate a reply to ``prompt``: yields :class:`Delta` pieces as they decode,
         then one :class:`ReplyStats`.
 
-        ``cancel()`` is checked between prefill chunks (``prefill_step_size`` tokens
-        each) and after every token; when it returns True the reply ends with
-        finish_reason "cancelled". The cache keeps what was processed: the prompt and
-        the tokens generated, or, stopped during the prefill, the prompt prefix done
-        so far (no tokens generated), so a follow-up or a retry still reuses it.
-        Raises ValueError for bad settings.
+        ``cancel()`` is checked between prefill chunks and after every token; when it
+        returns True the reply ends with finish_reason "cancelled". What was processed
+        stays in the prefix cache (the prompt and the tokens generated, or, stopped
+        during the prefill, the prompt prefix done so far), so a follow-up or a retry
+        still reuses it. Raises ValueError for bad settings.
         """
-        settings.validate()
-        max_tokens = max(1, min(settings.max_tokens, self.max_context - len(prompt.ids)))
-        cache = self.pool.take(prompt.ids)
-        parser = ReplyParser(in_think=prompt.opens_think, parse_tools=prompt.parse_tools, raw=prompt.raw)
-        kwargs = {"prefill_step_size": self.prefill_step_size} if self.prefill_step_size else {}
-        stream = stream_generate(
-            self.model,
-            self.tokenizer,
-            prompt.ids,
-            max_tokens=max_tokens,
-            temp=settings.temp,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            min_p=settings.min_p,
-            presence_penalty=settings.presence_penalty,
-            repetition_penalty=settings.repetition_penalty,
-            seed=settings.seed,
-            prompt_cache=cache,
-            stop_strings=settings.stop or None,
-            checkpoint_at=prompt.checkpoint_at,
-            progress=False,
-            should_stop=cancel,
-            **kwargs,
-        )
-        last, finish = None, "stop"
+        reply = self.start(prompt, settings)
         try:
-            for last in stream:  # the last response has the finish reason ("cancelled" included)
-                yield from parser.feed(last.text)
-                if last.finish_reason:
-                    finish = last.finish_reason
-        finally:  # also when our consumer stops early: end the decode loop now
-            stream.close()
-            # Wait for the step the pipelined decode queued ahead: no work may still be
-            # running on this thread's stream when the thread (or the process) ends.
+            while True:
+                item = reply.next(timeout=0.05, cancel=cancel)
+                if item is ChatReply.END:
+                    return
+                if item is not None:
+                    yield item
+        finally:  # also when our consumer stops early: end the request now
+            reply.close()
+
+    # ......................................................... caches
+    def latest_cache(self) -> Optional[ModelCache]:
+        """The most recently used prefix-cache state as a one-row cache (to save), or None."""
+        snap = self.prefix_cache.latest()
+        if snap is None:
+            return None
+        cache = self.model.make_cache(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
+        cache.adopt(snap)
+        return cache
+
+    def add_cache(self, cache: ModelCache) -> None:
+        """Offer a cache's state (and its checkpoints) to the prefix cache (a loaded file)."""
+        for snap in list(cache.checkpoints) + [cache.snapshot()]:
+            self.prefix_cache.insert(snap)
+
+
+class ChatReply:
+    """One reply in flight: :meth:`next` gives its :class:`Delta` pieces, then its
+    :class:`ReplyStats`, then :attr:`END`; :meth:`cancel` stops it."""
+
+    END = object()
+
+    def __init__(self, engine: ChatEngine, prompt: PreparedPrompt, handle: RequestHandle):
+        self.engine, self.prompt, self.handle = engine, prompt, handle
+        self.parser = ReplyParser(in_think=prompt.opens_think, parse_tools=prompt.parse_tools, raw=prompt.raw)
+        self._queue: List[Union[Delta, ReplyStats]] = []
+        self._ended = False
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    def close(self) -> None:
+        """Stop the reply if it is still running (on the engine's thread: at once)."""
+        if not self.handle.unfinished:
+            return
+        if self.engine.engine.threaded:
+            self.handle.cancel()
+        else:
+            self.engine.engine.abort(self.handle)
+            # No work may still be running on this thread's stream when it (or the process) ends.
             mx.synchronize(generation_stream)
-        yield from parser.finish()
-        if finish == "stop" and parser.tool_calls:
+
+    def next(self, timeout: Optional[float] = None, cancel: Optional[Callable[[], bool]] = None):
+        """The next piece, None when nothing came within ``timeout`` (engine thread), or
+        :attr:`END`. ``cancel()`` True stops the reply (checked before every engine step
+        without an engine thread, and on every call)."""
+        while not self._queue:
+            if self._ended:
+                return ChatReply.END
+            if cancel is not None and not self.handle.cancelled and cancel():
+                self.handle.cancel()
+            event = self.handle.get(timeout=timeout, should_stop=cancel)
+            if event is None:
+                if self.handle.unfinished:
+                    return None  # timed out
+                self._ended = True
+                continue
+            self._queue.extend(self.parser.feed(event.text))
+            if event.finish_reason is not None:
+                self._queue.extend(self.parser.finish())
+                self._queue.append(self._stats(event))
+                self._ended = True
+        return self._queue.pop(0)
+
+    def _stats(self, event: TokenEvent) -> ReplyStats:
+        s = event.stats
+        finish = event.finish_reason
+        if finish == "stop" and self.parser.tool_calls:
             finish = "tool_calls"
-        yield ReplyStats(
-            finish_reason=finish,
-            prompt_tokens=len(prompt.ids),
-            cached_tokens=last.cached_tokens if last else 0,
-            generation_tokens=last.generation_tokens if last else 0,
-            prompt_tps=last.prompt_tps if last else 0.0,
-            generation_tps=last.generation_tps if last else 0.0,
-            peak_memory=last.peak_memory if last else 0.0,
-            context_tokens=cache.offset,
-            max_context=self.max_context,
-        )
+        return ReplyStats(
+            finish_reason=finish, prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
+            generation_tokens=s.generation_tokens, prompt_tps=s.prompt_tps, generation_tps=s.generation_tps,
+            peak_memory=peak_memory_gb(), context_tokens=s.context_tokens, max_context=self.engine.max_context,
+            time_to_first_token=s.time_to_first_token,
+        )  # fmt: skip
+
+
+def _token_id(tokenizer, token: str) -> Optional[int]:
+    """The id of a special token, or None when the vocabulary has no such token."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
 
 
 def end_mlx_thread() -> None:
@@ -590,7 +629,7 @@ class ChatSession:
         prompt cache holding it next to it (:func:`cache_file_for`), so :meth:`load`
         can continue without prefilling the history again."""
         atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
-        cache = self.engine.pool.latest() if (with_cache and self.engine) else None
+        cache = self.engine.latest_cache() if (with_cache and self.engine) else None
         if cache is not None and cache.offset:
             cache.save(cache_file_for(path))
 
@@ -609,7 +648,7 @@ class ChatSession:
         cache_path = cache_file_for(path)
         if with_cache and self.engine is not None and cache_path.exists():
             try:
-                self.engine.pool.put(ModelCache.load(cache_path, self.engine.model))
+                self.engine.add_cache(ModelCache.load(cache_path, self.engine.model))
             except CacheError as e:
                 return f"prompt cache not used: {e}"
         return None

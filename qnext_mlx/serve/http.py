@@ -8,17 +8,19 @@ How it is put together:
 
 * Request threads (standard library ``ThreadingHTTPServer``) read and validate the
   request (:mod:`qnext_mlx.serve.protocol`), format and tokenize the prompt
-  (:class:`~qnext_mlx.serve.chat_session.ChatEngine`), and put a :class:`Job` on a bounded
-  queue; a full queue is answered 503 at once.
-* One worker thread owns the model (MLX evaluation is not thread-safe) and runs
-  the jobs one at a time through :func:`qnext_mlx.engine.stream.stream_generate`, sending
-  each job's reply pieces to that job's own queue.
+  (:class:`~qnext_mlx.serve.chat_session.ChatEngine`), and submit it to the batch
+  engine; when too many requests already wait it is answered 503 at once.
+* One worker thread owns the model (MLX evaluation is not thread-safe) and runs the
+  batch engine's step loop (:class:`~qnext_mlx.engine.batch.BatchEngine`): every
+  running reply decodes in one batch, new prompts are prefilled in chunks between
+  decode steps, and each reply's pieces go to its own queue.
 * The request thread streams those pieces to its client. A client that goes away
-  (a failed write, or a closed socket noticed while waiting) sets the job's cancel
-  flag, which the worker checks between prefill chunks and after every token, so a
-  long prompt's prefill stops too (a job still waiting is skipped).
-* Prompt caches (a small pool, :class:`~qnext_mlx.serve.chat_session.CachePool`) are kept
-  across requests: a follow-up turn of a conversation only prefills the new part;
+  (a failed write, or a closed socket noticed while waiting) cancels its reply only;
+  the engine checks between prefill chunks and between decode steps, so a long
+  prompt's prefill stops too (a request still waiting is dropped).
+* Prefix reuse: the engine's prefix cache keeps states at the message boundaries
+  of every prompt and the end of every reply, for all requests; a follow-up turn of a
+  conversation only prefills what the template changed or added;
   ``usage.prompt_tokens_details.cached_tokens`` says how many prompt tokens were reused.
 * Qwen3 tool calls: ``tools`` go into the chat template; ``<tool_call>{...}</tool_call>``
   spans of the reply become OpenAI ``tool_calls`` (streamed as deltas), and
@@ -33,21 +35,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import queue
 import select
 import socket
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, List, Optional, Sequence, Union
 
+from ..engine.batch import EngineBusyError, EngineObserver, SequenceStats
 from ..errors import QnextError
 from .chat_session import (
     ChatEngine,
     ChatError,
+    ChatReply,
     Delta,
     PreparedPrompt,
     PromptTooLongError,
@@ -77,97 +80,144 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 KEEPALIVE_SECONDS = 10.0  # SSE comment while a streamed request waits (queue, prefill)
 _POLL_SECONDS = 0.25
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
-_END = object()
 
 
 @dataclass(eq=False)
 class Job:
-    """One generation request: the worker puts :class:`Delta` and :class:`ReplyStats`
-    items (or an exception) on ``events``, then ``_END``."""
+    """One request's reply in flight (a :class:`ChatReply` of the batch engine)."""
 
-    prompt: PreparedPrompt
-    settings: SamplingSettings
-    events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    reply: ChatReply
+
+    def cancel(self) -> None:
+        self.reply.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.reply.handle.cancelled
+
+
+class ServerStats(EngineObserver):
+    """What the engine reports, for ``/health`` and the tests: finished and cancelled
+    replies, the last one's stats; chained to another observer (the metrics)."""
+
+    def __init__(self, inner: Optional[EngineObserver] = None):
+        self.inner = inner or EngineObserver()
+        self.completed = 0
+        self.cancelled = 0
+        self.last_stats: Optional[ReplyStats] = None
+
+    def request_queued(self, prompt_tokens: int) -> None:
+        self.inner.request_queued(prompt_tokens)
+
+    def prefix_reused(self, tokens: int) -> None:
+        self.inner.prefix_reused(tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self.inner.first_token(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.inner.inter_token(seconds)
+
+    def step(self, running: int, waiting: int) -> None:
+        self.inner.step(running, waiting)
+
+    def finished(self, stats: SequenceStats, reason: str) -> None:
+        self.last_stats = ReplyStats(
+            finish_reason=reason, prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
+            generation_tokens=stats.generation_tokens, prompt_tps=stats.prompt_tps,
+            generation_tps=stats.generation_tps, context_tokens=stats.context_tokens,
+            time_to_first_token=stats.time_to_first_token,
+        )  # fmt: skip
+        self.cancelled += reason == "cancelled"
+        self.completed += 1
+        self.inner.finished(stats, reason)
 
 
 class Worker(threading.Thread):
-    """The thread that owns the model: loads it, then runs queued jobs one at a time.
+    """The model thread: loads the model, then runs the batch engine's step loop.
 
     MLX arrays are bound to the thread that built them (a lazily loaded weight
     cannot be evaluated on another thread), so the model is loaded here too:
     ``load_engine()`` runs on this thread and returns the :class:`ChatEngine`.
+    Request threads submit to the engine and read their replies' events; the engine
+    decodes all running replies in one batch.
     """
 
     def __init__(self, load_engine: Callable[[], ChatEngine], max_queue: int = DEFAULT_MAX_QUEUE):
         super().__init__(name="qnext-mlx-worker", daemon=True)
         self._load_engine = load_engine
+        self.max_queue = max_queue
         self.engine: Optional[ChatEngine] = None
         self.load_error: Optional[BaseException] = None
         self.ready = threading.Event()
-        self.jobs: "queue.Queue[Job]" = queue.Queue(maxsize=max_queue)
         self._stop_event = threading.Event()
-        self.busy = False
-        self.completed = 0
-        self.cancelled = 0
-        self.last_stats: Optional[ReplyStats] = None
-        self.current: Optional[Job] = None
+        self.stats = ServerStats()
+        self.in_flight: List[Job] = []
+        self._lock = threading.Lock()
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; raises :class:`ApiError` 503 when the queue is full."""
+    @property
+    def busy(self) -> bool:
+        """Something is being prefilled, decoded or waits for it."""
+        batch = self.engine.engine
+        return bool(batch.num_running or batch.num_waiting)
+
+    @property
+    def waiting(self) -> int:
+        return self.engine.engine.num_waiting
+
+    @property
+    def completed(self) -> int:
+        return self.stats.completed
+
+    @property
+    def cancelled(self) -> int:
+        return self.stats.cancelled
+
+    @property
+    def last_stats(self) -> Optional[ReplyStats]:
+        return self.stats.last_stats
+
+    def submit(self, prompt: PreparedPrompt, settings: SamplingSettings) -> Job:
+        """Start a reply; raises :class:`ApiError` 503 when the queue is full."""
         try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
+            job = Job(self.engine.start(prompt, settings))
+        except EngineBusyError:
             raise ApiError(
                 503,
-                f"the server is busy ({self.jobs.maxsize} requests waiting); retry later",
+                f"the server is busy ({self.max_queue} requests waiting); retry later",
                 type="server_error",
                 code="server_busy",
             ) from None
+        with self._lock:
+            self.in_flight = [j for j in self.in_flight if j.reply.handle.unfinished] + [job]
+        return job
 
     def stop(self) -> None:
-        """Stop after the current token or prefill chunk (the running job is cancelled)."""
+        """Stop the engine after its current step (running replies are cancelled)."""
+        with self._lock:
+            for job in self.in_flight:
+                job.cancel()
         self._stop_event.set()
-        job = self.current
-        if job is not None:
-            job.cancel.set()
+        if self.engine is not None:
+            self.engine.engine.wake()
 
     def run(self) -> None:
         try:
             try:
                 self.engine = self._load_engine()
+                batch = self.engine.engine
+                batch.max_waiting = self.max_queue
+                self.stats.inner = batch.observer
+                batch.observer = self.stats
+                batch.threaded = True  # request threads wait for events from here on
             except BaseException as e:  # reported by ServerApp on the starting thread
                 self.load_error = e
                 return
             finally:
                 self.ready.set()
-            self._serve_jobs()
+            self.engine.engine.run(self._stop_event)
         finally:
             end_mlx_thread()
-
-    def _serve_jobs(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                job = self.jobs.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                continue
-            try:
-                if job.cancel.is_set():  # the client left while it waited
-                    self.cancelled += 1
-                    continue
-                self.busy, self.current = True, job
-                for item in self.engine.generate(job.prompt, job.settings, cancel=job.cancel.is_set):
-                    job.events.put(item)
-                    if isinstance(item, ReplyStats):
-                        self.last_stats = item
-                        self.completed += 1
-                        self.cancelled += item.finish_reason == "cancelled"
-            except Exception as e:  # a bug or a device error: report it to this request, keep serving
-                log.exception("generation failed")
-                job.events.put(e)
-            finally:
-                self.busy, self.current = False, None
-                job.events.put(_END)
 
 
 class ServerApp:
@@ -302,7 +352,8 @@ class Handler(BaseHTTPRequestHandler):
                 {
                     "status": "ok",
                     "model": self.app.model_id,
-                    "queued": w.jobs.qsize(),
+                    "queued": w.waiting,
+                    "running": w.engine.engine.num_running,
                     "busy": w.busy,
                     "completed": w.completed,
                 },
@@ -387,28 +438,26 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, str(e)) from None
 
     def _submit(self, prompt: PreparedPrompt, settings: SamplingSettings) -> Job:
-        job = Job(prompt, settings)
-        self.app.worker.submit(job)
-        return job
+        try:
+            return self.app.worker.submit(prompt, settings)
+        except ValueError as e:  # settings the engine refused
+            raise ApiError(400, str(e)) from None
 
     def _events(self, job: Job, stream: bool):
         """The job's items as they come; notices a client that leaves meanwhile."""
         last_write = time.monotonic()
         while True:
-            try:
-                item = job.events.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
+            item = job.reply.next(timeout=_POLL_SECONDS)
+            if item is None:
                 if self._peer_closed():
-                    job.cancel.set()
+                    job.cancel()
                     raise ConnectionAbortedError("client closed the connection")
                 if stream and time.monotonic() - last_write > KEEPALIVE_SECONDS:
                     self.wfile.write(b": keepalive\n\n")
                     last_write = time.monotonic()
                 continue
-            if item is _END:
+            if item is ChatReply.END:
                 return
-            if isinstance(item, Exception):
-                raise item
             last_write = time.monotonic()
             yield item
 
@@ -421,7 +470,7 @@ class Handler(BaseHTTPRequestHandler):
                     stats = item
                 on_item(item)
         except _CLIENT_GONE:
-            job.cancel.set()
+            job.cancel()
             self.close_connection = True
             log.info("client went away; generation stopped")
             return None
@@ -429,7 +478,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, str(e)) from None
         finally:
             if stats is None:
-                job.cancel.set()
+                job.cancel()
         log.info(
             "prompt %d tokens (%d cached, %.1f tok/s), generated %d tokens (%.1f tok/s), %s",
             stats.prompt_tokens,
