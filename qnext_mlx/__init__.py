@@ -16,7 +16,7 @@ from .checkpoint.reader import load, load_model
 # command ``python -m qnext_mlx.generate`` is a module of that name, and importing it
 # (``import qnext_mlx.generate``) rebinds the package attribute to the module.
 # ``qnext_mlx.engine.generate`` always names the function.
-from .engine.stream import GenerationResponse, generate, stream_generate
+from .engine.stream import GenerationResponse, batch_generate, generate, stream_batch, stream_generate
 from .errors import CheckpointError, ConfigError, ModelNotFoundError, QnextError
 from .model import Model, ModelCache, ModelConfig
 from .version import __version__
@@ -31,8 +31,10 @@ __all__ = [
     "ModelNotFoundError",
     "QnextError",
     "__version__",
+    "batch_generate",
     "generate",
     "load",
     "load_model",
+    "stream_batch",
     "stream_generate",
 ]

@@ -73,6 +73,12 @@ class ScriptedModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
+    def reply_tokens(self, prompt_ids: List[int]) -> List[int]:
+        """The scripted reply's tokens (EOS included) for a prompt ending at an assistant header."""
+        h = len(self._header)
+        start = max(i + h for i in range(len(prompt_ids) - h + 1) if prompt_ids[i : i + h] == self._header)
+        return self._reply(tuple(prompt_ids[:start]))
+
     def _reply(self, prefix: Tuple[int, ...]) -> List[int]:
         if prefix not in self._replies:
             text = self._tokenizer.decode(list(prefix))
@@ -150,3 +156,51 @@ class ChunkGate:
             if self.on_chunk is not None:
                 self.on_chunk(self.chunks)
         return self._model(ids, cache=cache, **kwargs)
+
+
+# Test templates that behave like the real Qwen3-Next ones (see DEVELOPERS.md): Instruct's
+# generation prompt is "<|im_start|>assistant\n"; Thinking's is "<|im_start|>assistant\n<think>\n"
+# (the reply holds only "</think>"), and it re-renders the assistant turns before the last
+# user query without their reasoning.
+INSTRUCT_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+THINKING_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}"
+    "{%- set content = m.content %}"
+    "{%- set reasoning = m.reasoning_content or '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_user %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+
+
+def folder_with_template(model_folder: Path, out: Path, template: str) -> Path:
+    """A copy of ``model_folder`` (weights linked, not copied) whose tokenizer has ``template``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_folder).iterdir():
+        if f.is_file() and not (out / f.name).exists():
+            if f.name == "tokenizer_config.json":
+                cfg = json.loads(f.read_text())
+                cfg["chat_template"] = template
+                (out / f.name).write_text(json.dumps(cfg))
+            else:
+                (out / f.name).symlink_to(f.resolve())
+    return out

@@ -11,7 +11,18 @@
 | ``plan`` | the memory planner |
 """
 
+from .batch import BatchEngine, GenerationRequest, SamplingParams
 from .decode import generate_tokens
-from .stream import GenerationResponse, generate, stream_generate
+from .stream import GenerationResponse, batch_generate, generate, stream_batch, stream_generate
 
-__all__ = ["GenerationResponse", "generate", "generate_tokens", "stream_generate"]
+__all__ = [
+    "BatchEngine",
+    "GenerationRequest",
+    "GenerationResponse",
+    "SamplingParams",
+    "batch_generate",
+    "generate",
+    "generate_tokens",
+    "stream_batch",
+    "stream_generate",
+]

@@ -508,6 +508,11 @@ class BatchEngine:
         return len(self._running) + (1 if self._solo else 0)
 
     @property
+    def solo_sequences(self) -> int:
+        """1 while a sequence speculates alone (MTP), else 0."""
+        return 1 if self._solo else 0
+
+    @property
     def num_waiting(self) -> int:
         return self._inbox.qsize() + len(self._waiting) + len(self._prefilling)
 

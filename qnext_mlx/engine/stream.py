@@ -4,6 +4,7 @@
 :class:`~qnext_mlx.engine.batch.BatchEngine`, the generation path every surface shares
 (prompt reuse, plain or MTP speculative decoding, detokenization, stop strings), and
 yields :class:`GenerationResponse` pieces; :func:`generate` collects the text.
+:func:`stream_batch` and :func:`batch_generate` run several prompts decoded together.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
 from ..model.cache import ModelCache
-from .batch import BatchEngine, GenerationRequest, RequestHandle, SamplingParams
+from .batch import BatchEngine, GenerationRequest, RequestHandle, SamplingParams, TokenEvent
 from .primitives import DEFAULT_PREFILL_STEP_SIZE, StopCheck, generation_stream, mlx_lm_generate
 from .sampling import (
     DEFAULT_MAX_TOKENS,
@@ -30,7 +31,15 @@ from .sampling import (
 )
 from .text import encode_prompt
 
-__all__ = ["GenerationResponse", "generate", "peak_memory_gb", "responses", "stream_generate"]
+__all__ = [
+    "GenerationResponse",
+    "batch_generate",
+    "generate",
+    "peak_memory_gb",
+    "responses",
+    "stream_batch",
+    "stream_generate",
+]
 
 
 @dataclass
@@ -183,3 +192,65 @@ def responses(handle: RequestHandle, prompt_tokens: int, should_stop: Optional[S
 def generate(model, tokenizer, prompt, **kwargs) -> str:
     """The whole text :func:`stream_generate` produces (same arguments)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def stream_batch(
+    model,
+    tokenizer,
+    prompts: Sequence[Union[str, Sequence[int]]],
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temp: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    top_k: int = DEFAULT_TOP_K,
+    min_p: float = DEFAULT_MIN_P,
+    presence_penalty: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    seeds: Optional[Sequence[Optional[int]]] = None,
+    stop_strings: Optional[Sequence[str]] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    max_batch: int = 16,
+) -> Iterator[Tuple[int, TokenEvent]]:
+    """Generate for several prompts at once, decoding them together in one batch.
+
+    Yields ``(prompt index, TokenEvent)`` as tokens come (a prompt's last event has its
+    ``finish_reason`` and stats). ``seeds``: one per prompt (None: unseeded); a seeded
+    prompt gives the same text whatever else is in the batch. Other arguments as in
+    :func:`stream_generate`, for every prompt.
+    """
+    engine = BatchEngine(model, tokenizer, max_batch=max_batch, max_waiting=max(len(prompts), 1), kv_bits=kv_bits,
+                         kv_group_size=kv_group_size, prefill_step_size=prefill_step_size)  # fmt: skip
+    seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    handles = []
+    for prompt, seed in zip(prompts, seeds):
+        sampling = SamplingParams(
+            temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+            repetition_penalty=repetition_penalty, seed=seed,
+        )  # fmt: skip
+        handles.append(engine.submit(GenerationRequest(
+            encode_prompt(tokenizer, prompt), max_tokens=max_tokens, sampling=sampling, stop=list(stop_strings or []),
+        )))  # fmt: skip
+    with mlx_lm_generate.wired_limit(model, [generation_stream]):
+        try:
+            while any(h.unfinished for h in handles):
+                engine.step()
+                for i, h in enumerate(handles):
+                    while not h.events.empty():
+                        event = h.get()
+                        if event is not None:
+                            yield i, event
+        finally:
+            for h in handles:
+                engine.abort(h)
+
+
+def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], **kwargs) -> List[str]:
+    """The texts :func:`stream_batch` produces for ``prompts`` (same arguments), in prompt order."""
+    texts = [[] for _ in prompts]
+    for i, event in stream_batch(model, tokenizer, prompts, **kwargs):
+        texts[i].append(event.text)
+    return ["".join(t) for t in texts]

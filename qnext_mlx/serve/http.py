@@ -2,7 +2,8 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
 (streaming as server-sent events, with a final usage chunk when
-``stream_options.include_usage`` is set), ``GET /health``.
+``stream_options.include_usage`` is set), ``GET /health``, ``GET /metrics`` (Prometheus,
+:mod:`qnext_mlx.serve.metrics`).
 
 How it is put together:
 
@@ -58,6 +59,7 @@ from .chat_session import (
     SamplingSettings,
     end_mlx_thread,
 )
+from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import (
     ApiError,
     chat_chunk,
@@ -143,15 +145,17 @@ class Worker(threading.Thread):
     decodes all running replies in one batch.
     """
 
-    def __init__(self, load_engine: Callable[[], ChatEngine], max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(self, load_engine: Callable[[], ChatEngine], max_queue: int = DEFAULT_MAX_QUEUE,
+                 metrics: Optional[ServerMetrics] = None):  # fmt: skip
         super().__init__(name="qnext-mlx-worker", daemon=True)
         self._load_engine = load_engine
         self.max_queue = max_queue
+        self.metrics = metrics or ServerMetrics()
         self.engine: Optional[ChatEngine] = None
         self.load_error: Optional[BaseException] = None
         self.ready = threading.Event()
         self._stop_event = threading.Event()
-        self.stats = ServerStats()
+        self.stats = ServerStats(self.metrics)
         self.in_flight: List[Job] = []
         self._lock = threading.Lock()
 
@@ -207,7 +211,6 @@ class Worker(threading.Thread):
                 self.engine = self._load_engine()
                 batch = self.engine.engine
                 batch.max_waiting = self.max_queue
-                self.stats.inner = batch.observer
                 batch.observer = self.stats
                 batch.threaded = True  # request threads wait for events from here on
             except BaseException as e:  # reported by ServerApp on the starting thread
@@ -258,6 +261,9 @@ class ServerApp:
 class QnextHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Connections that may wait to be accepted (socketserver's default of 5 refuses a
+    # burst of clients; found by the soak test).
+    request_queue_size = 256
 
     def __init__(self, address, app: Optional[ServerApp]):
         self.app = app
@@ -297,6 +303,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
@@ -345,6 +358,8 @@ class Handler(BaseHTTPRequestHandler):
                         code="model_not_found",
                     )
                 )
+        elif path == "/metrics":
+            self._send_bytes(200, self.app.worker.metrics.render(), CONTENT_TYPE_LATEST)
         elif path == "/health":
             w = self.app.worker
             self._send_json(
