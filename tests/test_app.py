@@ -61,6 +61,18 @@ def scripted_loader(model_dir):
 
 
 # ------------------------------------------------------------- no display
+def test_chat_session_truncate():
+    s = ChatSession()
+    s.messages = [{"role": "user", "content": str(i)} for i in range(4)]
+    s.last_stats = ReplyStats("stop")
+    assert s.truncate(1) == [{"role": "user", "content": str(i)} for i in range(1, 4)]
+    assert s.messages == [{"role": "user", "content": "0"}] and s.last_stats is None
+    assert s.truncate(1) == [] and s.truncate(0) == [{"role": "user", "content": "0"}] and s.messages == []
+    for bad in (-1, 1, "0"):
+        with pytest.raises(ChatError, match="cannot truncate"):
+            s.truncate(bad)
+
+
 def test_app_data_folder_per_platform(tmp_path):
     home = tmp_path
     assert app_data_dir("darwin", {}, home) == home / "Library" / "Application Support" / "qnext-mlx"
