@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from qnext_mlx.ui.desktop import (
     app_data_dir,
     format_indicators,
 )
+from qnext_mlx.ui.markdown import MarkdownStream, Span, display_width, render_markdown
 
 THINK = "<think>\nLet me think about it.\n</think>\n\nThe answer is 42."
 
@@ -71,6 +73,189 @@ def test_chat_session_truncate():
     for bad in (-1, 1, "0"):
         with pytest.raises(ChatError, match="cannot truncate"):
             s.truncate(bad)
+
+
+CODE = 'from pathlib import Path\n\ntext = Path("notes.md").read_text(encoding="utf-8")\nprint(len(text))\n'
+
+
+# A reply with every markdown element the app renders (the window tests stream it
+# through the scripted model, so it takes the same path as a real reply).
+MARKDOWN_REPLY = (
+    "## Reading a file in Python\n\n"
+    "Use **`pathlib`**: it is *simpler* than `open()`, and ~~os.path~~ is not needed.\n\n"
+    "1. Build a `Path`\n"
+    "2. Call **read_text**\n"
+    "   - it decodes the bytes\n"
+    "   - it closes the file\n\n"
+    '> Tip: pass `encoding="utf-8"` so the result does not depend on the platform.\n\n'
+    "| method | returns | lazy |\n"
+    "| :--- | :--- | ---: |\n"
+    "| `read_text` | str | no |\n"
+    "| `open` | file object | yes |\n\n"
+    f"```python\n{CODE}```\n\n"
+    "See [the pathlib docs](https://docs.python.org/3/library/pathlib.html).\n\n"
+    "---\n"
+    "That is all you need."
+)
+
+
+MARKDOWN_THINKING = "The user wants to **read a file**; `pathlib` is the simplest answer."
+
+
+# ------------------------------------------------------------- no display
+def chars(spans):
+    """Spans as one (character, tags, action) per character: renders compare exactly,
+    whatever the runs' boundaries."""
+    return [(c, s.tags, s.action) for s in spans for c in s.text]
+
+
+def texts_with(spans, tag):
+    """The texts of the runs of consecutive characters that carry ``tag``."""
+    out, current = [], ""
+    for c, tags, _ in chars(spans):
+        if tag in tags:
+            current += c
+        elif current:
+            out.append(current)
+            current = ""
+    return out + ([current] if current else [])
+
+
+def lines_starting_with(spans, tag):
+    """The lines whose first character carries ``tag`` (line-level tags: Tk reads them there)."""
+    out, line, first = [], "", None
+    for c, tags, _ in chars(spans):
+        if first is None:
+            first = tag in tags
+        if c == "\n":
+            if first:
+                out.append(line)
+            line, first = "", None
+        else:
+            line += c
+    return out
+
+
+def test_markdown_renders_each_element_with_its_tags():
+    spans = render_markdown(MARKDOWN_REPLY)
+    text = "".join(s.text for s in spans)
+    assert texts_with(spans, "md_h2") == ["Reading a file in Python\n"]
+    assert texts_with(spans, "md_strong") == ["pathlib", "read_text"]
+    assert texts_with(spans, "md_em") == ["simpler"]
+    assert texts_with(spans, "md_code") == ["pathlib", "open()", "Path", 'encoding="utf-8"', "read_text", "open"]
+    assert texts_with(spans, "md_strike") == ["os.path"]
+    # lists: numbers and bullets, then a tab to the item's text; the nested list one level in
+    assert [t for t in texts_with(spans, "md_bullet")] == ["1.\t", "2.\t", "◦\t", "◦\t"]
+    assert "".join(texts_with(spans, "md_item1")) == "1.\tBuild a Path\n2.\tCall read_text\n"
+    assert "".join(texts_with(spans, "md_item2")) == "◦\tit decodes the bytes\n◦\tit closes the file\n"
+    assert texts_with(spans, "md_quote") == [
+        'Tip: pass encoding="utf-8" so the result does not depend on the platform.\n'
+    ]
+    assert texts_with(spans, "md_indent1") == texts_with(spans, "md_quote")
+    # the table: cells padded to their column, "lazy" right-aligned, the header row bold
+    table = "".join(texts_with(spans, "md_table")).splitlines()
+    assert table == [
+        " method    │ returns     │ lazy ",
+        "───────────┼─────────────┼──────",
+        " read_text │ str         │   no ",
+        " open      │ file object │  yes ",
+    ]
+    assert texts_with(spans, "md_th") == [table[0] + "\n"]
+    assert texts_with(spans, "md_codeblock") == [CODE]
+    assert texts_with(spans, "md_code_lang")[0].strip() == "python"
+    copy = [s for s in spans if "md_copy" in s.tags]
+    assert [(s.text.strip(), s.action) for s in copy] == [("Copy", ("copy", CODE))]
+    link = [s for s in spans if "md_link" in s.tags]
+    assert [(s.text, s.action) for s in link] == [
+        ("the pathlib docs", ("link", "https://docs.python.org/3/library/pathlib.html"))
+    ]
+    assert texts_with(spans, "md_hr") == ["─" * 32 + "\n"]
+    assert text.endswith("That is all you need.\n")
+    # every block starts with space above it; the items of a tight list sit close together
+    assert lines_starting_with(spans, "md_gap") == [
+        "Reading a file in Python",
+        "Use pathlib: it is simpler than open(), and os.path is not needed.",
+        "1.\tBuild a Path",
+        'Tip: pass encoding="utf-8" so the result does not depend on the platform.',
+        table[0],
+        " python   Copy ",
+        "See the pathlib docs.",
+        "─" * 32,
+        "That is all you need.",
+    ]
+
+
+def test_markdown_details():
+    assert display_width("a中b") == 4 and display_width("e\u0301") == 1
+    # a single newline is a line break (chat replies mean it so), html is text, images show their alt text
+    assert "".join(s.text for s in render_markdown("one\ntwo <b>x</b>")) == "one\ntwo <b>x</b>\n"
+    image = [s for s in render_markdown("![a cat](http://x/cat.png)") if "md_image" in s.tags]
+    assert image == [Span("[image: a cat]", ("md_p", "md_image", "md_gap"), ("link", "http://x/cat.png"))]
+    ordered = render_markdown("3. three\n4. four\n\n- a\n\n- b\n")
+    assert texts_with(ordered, "md_bullet") == ["3.\t", "4.\t", "•\t", "•\t"]
+    # a loose list (blank lines between items): each item's paragraph gets its space above
+    assert lines_starting_with(ordered, "md_gap") == ["3.\tthree", "•\ta", "•\tb"]
+    assert "".join(s.text for s in render_markdown("a\r\nb\r\n")) == "a\nb\n"
+    unclosed = render_markdown("```\nstill typing")  # a fence still streaming: code so far
+    assert texts_with(unclosed, "md_codeblock") == ["still typing\n"]
+
+
+STREAM_DOCS = [
+    MARKDOWN_REPLY,
+    MARKDOWN_THINKING,
+    "Title\n=====\n\ntext that\ncontinues lazily\n> quote\nlazy quote line\n\nSub\n---\n",
+    "para before a table\n| a | b |\n|---|---|\n| 1 | 2 |\nafter\n\n"
+    "* x\n\n  second paragraph of x\n\n      code in x\n* y\n",
+    "```md\n# not a heading\n\n- not a list\n```\n\n    indented code\n\n    more\n\ntail",
+    "1. a\n   1. b\n      - c\n\n        deep para\n2. d\n\n***\n#not heading\n# heading #\n",
+    "line\r\nwith crlf\r\n\r\n- item\r\n",
+    "```python\nunclosed = True\n",
+]
+
+
+def _stream(text, sizes):
+    """Feed ``text`` in pieces of the given sizes, committing after each; returns the stream
+    and the longest tail it ever had to render."""
+    st, pos, longest, committed = MarkdownStream(), 0, 0, []
+    for n in sizes:
+        if pos >= len(text):
+            break
+        st.feed(text[pos : pos + n])
+        pos += n
+        committed += st.commit()
+        st.tail()
+        longest = max(longest, len(st.text) - st.done)
+    assert pos >= len(text)
+    return st, committed, longest
+
+
+@pytest.mark.parametrize("doc", range(len(STREAM_DOCS)))
+def test_markdown_streamed_block_by_block_equals_rendering_at_once(doc):
+    text = STREAM_DOCS[doc]
+    full = chars(render_markdown(text))
+    rng = random.Random(doc)
+    for sizes in ([1] * len(text), [rng.randint(1, 12) for _ in range(len(text))], [len(text)]):
+        st, committed, _ = _stream(text, sizes)
+        assert chars(st.spans) == chars(committed)
+        assert chars(st.spans) == full[: len(chars(st.spans))]  # what was committed never changes
+        assert chars(st.spans_now()) == full and st.finish()
+
+
+def test_markdown_stream_renders_only_the_last_block_again():
+    text = "\n\n".join([MARKDOWN_REPLY] * 6)  # about 3,000 characters, 70 blocks
+    st, _, longest = _stream(text, [1] * len(text))
+    assert chars(st.spans_now()) == chars(render_markdown(text))
+    # every update rendered again at most the longest block (the code block) and the line being written
+    longest_line = max(len(line) + 1 for line in text.splitlines())
+    assert longest <= len(f"```python\n{CODE}```\n\n") + longest_line and longest < len(text) / 10
+    assert st.done > len(text) - 40  # all but the last line was rendered for good before the end
+
+
+def test_markdown_stream_says_when_a_late_reference_changes_an_earlier_block():
+    text = "See [the docs].\n\nMore text.\n\n[the docs]: https://example.com\n"
+    st, _, _ = _stream(text, [1] * len(text))
+    assert not st.finish()  # the caller renders the whole text again
+    assert [s.action for s in render_markdown(text) if "md_link" in s.tags] == [("link", "https://example.com")]
 
 
 def test_app_data_folder_per_platform(tmp_path):
