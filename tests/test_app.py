@@ -10,6 +10,7 @@ to also write the end-to-end test's screenshot there (the README's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,11 +21,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from chat_helpers import ChunkGate, ScriptedModel, chat_model_folder, last_user_text
 
 import qnext_mlx
 from qnext_mlx.serve.chat_session import ChatEngine, ChatError, ChatSession, ReplyStats, SamplingSettings
+from qnext_mlx.ui.catalog import format_size, hf_repo_of, list_models, models_in_folder, models_in_hf_cache
 from qnext_mlx.ui.desktop import (
     AppSettings,
     ConversationStore,
@@ -256,6 +259,85 @@ def test_markdown_stream_says_when_a_late_reference_changes_an_earlier_block():
     st, _, _ = _stream(text, [1] * len(text))
     assert not st.finish()  # the caller renders the whole text again
     assert [s.action for s in render_markdown(text) if "md_link" in s.tags] == [("link", "https://example.com")]
+
+
+# ------------------------------------------------------------ model catalog
+def _blob_name(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fake_hf_cache(root: Path, repos) -> Path:
+    """A Hugging Face hub cache in ``root`` laid out as huggingface_hub writes it
+    (``models--org--name/{blobs,refs/main,snapshots/<commit>/...}``, files linked to their
+    blobs), holding a copy of each ``repo id -> model folder`` of ``repos``."""
+    for repo, src in repos.items():
+        kind, _, name = repo.rpartition(":")
+        base = root / f"{kind or 'models'}--{name.replace('/', '--')}"
+        commit = hashlib.sha1(repo.encode()).hexdigest()
+        snapshot = base / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (base / "blobs").mkdir()
+        (base / "refs").mkdir()
+        (base / "refs" / "main").write_text(commit)
+        for f in sorted(Path(src).iterdir()):
+            if f.is_file():
+                blob = base / "blobs" / _blob_name(f)
+                shutil.copyfile(f, blob)
+                (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return root
+
+
+def _write_model(folder: Path, config: dict, tensors) -> Path:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: np.zeros(shape, np.float16) for k, shape in tensors.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_model_catalog_reads_the_hf_cache_and_added_folders(tmp_path, hf_checkpoint):
+    hf_model, _, _ = hf_checkpoint("catalog", seed=1, mtp=True)
+    llama = _write_model(tmp_path / "src-llama", {"model_type": "llama"}, {"w": (4, 4)})
+    cache = fake_hf_cache(
+        tmp_path / "hub", {"acme/Qwen3-Next-tiny": hf_model, "acme/llama": llama, "datasets:acme/data": llama}
+    )
+    mine = tmp_path / "mine"
+    base = {"model_type": "qwen3_next"}
+    q4 = _write_model(mine / "q4", {**base, "quantization": {"bits": 4, "group_size": 64}}, {"a": (64, 8)})
+    mixed_q = {"bits": 4, "group_size": 64, "model.layers.0.mlp.gate": {"bits": 8, "group_size": 64}}
+    _write_model(mine / "mixed", {**base, "quantization": mixed_q, "dtype": "bfloat16"}, {"mtp.fc.weight": (8, 8)})
+    broken = _write_model(mine / "broken", {**base, "dtype": "bfloat16"}, {"a": (2, 2)})
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    (mine / "notes").mkdir()
+
+    found = models_in_hf_cache(cache)
+    assert [i.name for i in found] == ["acme/Qwen3-Next-tiny"]  # not the llama, not the dataset
+    info = found[0]
+    assert hf_repo_of(info.path) == "acme/Qwen3-Next-tiny" and Path(info.model_arg) == info.path
+    assert info.size_bytes == sum(f.stat().st_size for f in hf_model.glob("*.safetensors"))
+    assert (info.quantization, info.has_mtp, info.error, info.source) == ("fp32", True, None, "Hugging Face cache")
+
+    added = {i.name: i for i in models_in_folder(mine)}
+    assert sorted(added) == ["broken", "mixed", "q4"]
+    assert (added["q4"].quantization, added["q4"].has_mtp) == ("4-bit", False)
+    assert added["q4"].size_bytes == (q4 / "model.safetensors").stat().st_size
+    assert (added["mixed"].quantization, added["mixed"].has_mtp) == ("mixed 4/8-bit", True)
+    assert "gone.safetensors" in added["broken"].error and added["broken"].added == str(mine)
+    assert [i.name for i in models_in_folder(q4)] == ["q4"]  # a model folder added itself
+    assert models_in_folder(tmp_path / "nowhere") == [] and models_in_hf_cache(tmp_path / "no-cache") == []
+
+    everything = list_models([str(mine), str(q4)], cache_dir=cache)  # q4 found twice: listed once
+    assert [(i.name, i.source) for i in everything] == [
+        ("demo model", "bundled"),
+        ("acme/Qwen3-Next-tiny", "Hugging Face cache"),
+        ("broken", "added folder"),
+        ("mixed", "added folder"),
+        ("q4", "added folder"),
+    ]
+    demo = everything[0]
+    assert demo.model_arg is None and demo.has_mtp and demo.quantization == "bf16" and demo.size_bytes > 1e6
+    assert (format_size(41_800_000_000), format_size(5_900_000), format_size(12)) == ("41.8 GB", "5.9 MB", "12 B")
 
 
 def test_app_data_folder_per_platform(tmp_path):
