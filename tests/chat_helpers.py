@@ -73,6 +73,10 @@ class ScriptedModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
+    def forget(self) -> None:
+        """Ask the responder again for prompts already answered (a regenerated reply)."""
+        self._replies.clear()
+
     def _reply(self, prefix: Tuple[int, ...]) -> List[int]:
         if prefix not in self._replies:
             text = self._tokenizer.decode(list(prefix))
