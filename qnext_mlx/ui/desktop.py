@@ -145,8 +145,7 @@ class ChatApp:
         root.protocol("WM_DELETE_WINDOW", self.close)
         if MAC:
             root.createcommand("tk::mac::Quit", self.close)  # the application menu's Quit
-        if settings.sidebar_width:
-            root.after(50, lambda: self._restore_sidebar(settings.sidebar_width))
+        self._sidebar_job = root.after(50, lambda: self._restore_sidebar(settings.sidebar_width))
         self._poll_job = root.after(self.POLL_MS, self._poll)
 
     # ......................................................... layout
@@ -163,10 +162,12 @@ class ChatApp:
         return m.group(1)
 
     def _restore_sidebar(self, width: int) -> None:
-        try:
-            self.paned.sashpos(0, width)
-        except self.tk.TclError:
-            pass
+        self._sidebar_job = None
+        if width:
+            try:
+                self.paned.sashpos(0, width)
+            except self.tk.TclError:
+                pass
 
     def _build(self) -> None:
         tk, ttk = self.tk, self.ttk
@@ -751,7 +752,7 @@ class ChatApp:
         self.worker.shutdown(timeout=10)
         if self.picker is not None:
             self.picker.close()
-        for job in (self._poll_job, self._note_job):  # no timer may fire after the window is gone
+        for job in (self._poll_job, self._note_job, self._sidebar_job):  # none may fire once the window is gone
             if job is not None:
                 self.root.after_cancel(job)
         self.root.destroy()
