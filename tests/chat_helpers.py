@@ -79,6 +79,10 @@ class ScriptedModel:
         start = max(i + h for i in range(len(prompt_ids) - h + 1) if prompt_ids[i : i + h] == self._header)
         return self._reply(tuple(prompt_ids[:start]))
 
+    def forget(self) -> None:
+        """Ask the responder again for prompts already answered (a regenerated reply)."""
+        self._replies.clear()
+
     def _reply(self, prefix: Tuple[int, ...]) -> List[int]:
         if prefix not in self._replies:
             text = self._tokenizer.decode(list(prefix))

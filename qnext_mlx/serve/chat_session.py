@@ -548,6 +548,17 @@ class ChatSession:
         self.messages = []
         self.last_stats = None
 
+    def truncate(self, n: int) -> List[dict]:
+        """Keep the first ``n`` messages and return the ones dropped (to edit a message
+        or regenerate a reply: truncate to before it, then :meth:`send` again).
+        Raises :class:`ChatError` when ``n`` is not in ``[0, len(messages)]``."""
+        if not isinstance(n, int) or not 0 <= n <= len(self.messages):
+            raise ChatError(f"cannot truncate a conversation of {len(self.messages)} messages to {n}")
+        dropped = self.messages[n:]
+        del self.messages[n:]
+        self.last_stats = None
+        return dropped
+
     def send(self, text: str, cancel: Optional[Callable[[], bool]] = None) -> Iterator[Union[Delta, ReplyStats]]:
         """Add a user message and stream the reply (see :meth:`ChatEngine.generate`).
 
