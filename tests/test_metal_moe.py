@@ -36,6 +36,7 @@ import metal_shim as ms  # noqa: E402
 
 from qnext_mlx.kernels import metal_moe as mm  # noqa: E402
 from qnext_mlx.kernels import registry as km  # noqa: E402
+from qnext_mlx.kernels.linear import cpu_compute_dtype  # noqa: E402
 from qnext_mlx.kernels.moe import switch_glu_lanes  # noqa: E402
 
 H = 256
@@ -326,8 +327,9 @@ def test_moe_block_on_a_metal_like_path_matches_cpu(dtype, T):
 
 
 def test_moe_block_cpu_path_is_unchanged():
-    # The block's decode output equals, bit for bit, the formula it used before
-    # the kernel was wired in (gather_qmm, weighted sum, shared expert).
+    # The block's decode output equals, bit for bit, the CPU formula (gather_qmm on
+    # float32 activations, the CPU's fast case; weighted sum; shared expert): wiring the
+    # kernel in changed nothing off Metal.
     block = _model_block(Q4, 4, mx.bfloat16, seed=7)
     x = mx.random.normal((1, 2, H), key=mx.random.key(8)).astype(mx.bfloat16)
     probs = mx.softmax(block.gate(x).astype(mx.float32), axis=-1)
@@ -335,7 +337,7 @@ def test_moe_block_cpu_path_is_unchanged():
     scores = mx.take_along_axis(probs, inds, axis=-1)
     if block.norm_topk_prob:
         scores = scores / scores.sum(axis=-1, keepdims=True)
-    y = switch_glu_lanes(block.switch_mlp, x, inds)
+    y = switch_glu_lanes(block.switch_mlp, x.astype(cpu_compute_dtype(x)), inds)
     y = (y * scores[..., None].astype(y.dtype)).sum(axis=-2).astype(x.dtype)
     expect = y + mx.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
     with mock.patch.object(mm, "run_moe_decode_kernel", side_effect=AssertionError("kernel used on the CPU")):

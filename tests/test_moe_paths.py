@@ -263,3 +263,20 @@ def test_lanes_give_the_same_results(monkeypatch, lanes):
     xg = mx.random.normal((60, H), key=mx.random.key(36))
     inds = _routes(60, seed=37)
     _assert_close(kmoe.grouped_switch_glu(sw, xg, inds), sw(xg, inds), 1e-5, 1e-5)
+
+
+def test_16_bit_decode_products_run_in_float32_on_the_cpu():
+    """On the CPU, a quantized product of bfloat16 activations runs in float32 (MLX's fast
+    case there) and comes back in bfloat16: exactly the float32 kernel's result, rounded."""
+    w = mx.random.normal((klinear.MIN_SPLIT_OUTPUTS + 64, 128), key=mx.random.key(40)) * 0.05
+    q, s, b = mx.quantize(w.astype(mx.bfloat16), 64, 4)
+    x = mx.random.normal((1, 3, 128), key=mx.random.key(41)).astype(mx.bfloat16)
+    assert klinear.cpu_compute_dtype(x) == mx.float32 and klinear.cpu_compute_dtype(x.astype(mx.float32)) == mx.float32
+    got = klinear.split_quantized_matmul(x, q, s, b, 64, 4)
+    want = mx.quantized_matmul(x.astype(mx.float32), q, s, b, transpose=True, group_size=64, bits=4)
+    assert got.dtype == mx.bfloat16 and mx.array_equal(got, want.astype(mx.bfloat16)).item()
+    exact = x.astype(mx.float32) @ mx.dequantize(q, s, b, 64, 4).astype(mx.float32).T
+    in_bf16 = mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4)
+    assert float(mx.abs(got.astype(mx.float32) - exact).max()) <= float(
+        mx.abs(in_bf16.astype(mx.float32) - exact).max()
+    )

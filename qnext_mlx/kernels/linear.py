@@ -41,6 +41,7 @@ __all__ = [
     "FastQuantizedLinear",
     "dense_matmul",
     "dequantized",
+    "cpu_compute_dtype",
     "split_quantized_matmul",
     "use_dense_path",
     "use_fast_linears",
@@ -134,6 +135,16 @@ def dense_matmul(
 MIN_SPLIT_OUTPUTS = 1024
 
 
+def cpu_compute_dtype(x: mx.array):
+    """The dtype to run a quantized product of ``x`` in: float32 for 16-bit activations on
+    the CPU device, where MLX's quantized kernels run about 11x faster in float32 (measured
+    at 2048 x 2048, 4 bits: 3.5 ms vs 41 ms per row with bfloat16 activations); ``x.dtype``
+    elsewhere (Metal's kernels are fast in 16 bits)."""
+    if mx.default_device() == mx.cpu and x.dtype in (mx.bfloat16, mx.float16):
+        return mx.float32
+    return x.dtype
+
+
 def split_quantized_matmul(
     x: mx.array,
     weight: mx.array,
@@ -145,20 +156,22 @@ def split_quantized_matmul(
 ) -> mx.array:
     """``mx.quantized_matmul(x, W, transpose=True)`` with the output features
     split over the CPU lanes (decode: the kernel is compute-bound on the CPU
-    and single-threaded). One plain call with one lane or a narrow ``W``."""
+    and single-threaded), in :func:`cpu_compute_dtype` (the result in ``x``'s
+    dtype). One plain call with one lane or a narrow ``W``."""
+    compute = cpu_compute_dtype(x)
+    xc = x if compute == x.dtype else x.astype(compute)
     lanes = cpu_lanes()
     out_dims = weight.shape[0]
     if lanes <= 1 or out_dims < MIN_SPLIT_OUTPUTS:
-        return mx.quantized_matmul(
-            x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
-        )
+        y = mx.quantized_matmul(xc, weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+        return y if y.dtype == x.dtype or compute == x.dtype else y.astype(x.dtype)
     step = -(-out_dims // lanes)
     parts = []
     for ctx, o0 in zip(lane_contexts(lanes), range(0, out_dims, step)):
         with ctx:
             parts.append(
                 mx.quantized_matmul(
-                    x,
+                    xc,
                     weight[o0 : o0 + step],
                     scales[o0 : o0 + step],
                     None if biases is None else biases[o0 : o0 + step],
@@ -168,7 +181,8 @@ def split_quantized_matmul(
                     mode=mode,
                 )
             )
-    return mx.concatenate(parts, axis=-1)
+    y = mx.concatenate(parts, axis=-1)
+    return y if compute == x.dtype else y.astype(x.dtype)
 
 
 class FastLinear(nn.Linear):
