@@ -437,7 +437,7 @@ class BatchEngine:
     def __init__(self, model, tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  max_waiting: int = DEFAULT_MAX_WAITING, prefix_cache: Optional[PrefixCache] = None,
                  kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                 prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE, prefill_share: float = 1.5,
+                 prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE, prefill_share: float = 1.0,
                  observer: Optional[EngineObserver] = None):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
