@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -26,12 +25,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "metal" / "shim"))
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None,
-    reason="g++ not found: the Metal shim compiles kernel bodies with the system C++ compiler",
-)
-
 import metal_shim as ms  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not ms.have_compiler(),
+    reason=f"{ms.CXX} not found: the Metal shim compiles kernel bodies with clang (scripts/install-test-deps.sh)",
+)
 
 from qnext_mlx.kernels import metal_gdn as km  # noqa: E402
 from qnext_mlx.kernels import registry as kreg  # noqa: E402
