@@ -215,6 +215,10 @@ class Decision:
 _OPS: Dict[str, Op] = {}
 # (backend, op, config string) -> decision, for this process
 _DECISIONS: Dict[Tuple[str, str, str], Decision] = {}
+# (op, signature of the arguments) -> (decision, the objects whose ids the signature holds):
+# the per-call lookup, cheaper than building the configuration (decode calls each op once
+# per layer and token).
+_BY_SIGNATURE: Dict[Tuple[str, Any], Tuple[Decision, List[Any]]] = {}
 _DISK: Optional[Dict[str, Dict[str, Any]]] = None  # the cache file's decisions, read once
 _REDO = False
 _TIMER: Optional[Timer] = None
@@ -348,6 +352,7 @@ def forget(disk: bool = False) -> None:
     ``disk``: also delete this machine's cache file."""
     global _DISK
     _DECISIONS.clear()
+    _BY_SIGNATURE.clear()
     _DISK = None
     _WARNED.clear()
     if disk:
@@ -460,10 +465,36 @@ def _measure(op: Op, args: tuple, kwargs: dict, config: str) -> Tuple[Decision, 
     return decision, outputs
 
 
+def _signature(tree: Any, objects: List[Any]) -> Any:
+    """Shapes and dtypes of the arrays in ``tree``, plain values as they are, other objects
+    (a model block) by identity (kept in ``objects`` so the identity stays theirs)."""
+    if isinstance(tree, mx.array):
+        return (tuple(tree.shape), tree.dtype)
+    if isinstance(tree, (list, tuple)):
+        return tuple(_signature(t, objects) for t in tree)
+    if isinstance(tree, dict):
+        return tuple((k, _signature(v, objects)) for k, v in sorted(tree.items()))
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    objects.append(tree)
+    return ("object", id(tree))
+
+
 def decide(op: Op, *args, **kwargs) -> Tuple[Decision, Optional[Any]]:
     """The decision for these inputs' shape configuration (taken now if it is the first
     time, see the module docstring), and the chosen candidate's outputs when they were
     computed while deciding (else None)."""
+    objects: List[Any] = []
+    signature = (op.name, _signature((args, kwargs), objects))
+    known = _BY_SIGNATURE.get(signature)
+    if known is not None:
+        return known[0], None
+    decision, outputs = _decide(op, args, kwargs)
+    _BY_SIGNATURE[signature] = (decision, objects)
+    return decision, outputs
+
+
+def _decide(op: Op, args: tuple, kwargs: dict) -> Tuple[Decision, Optional[Any]]:
     config = config_string(op.config(*args, **kwargs))
     key = (op.backend.name, op.name, config)
     if key in _DECISIONS:
