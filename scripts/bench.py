@@ -13,6 +13,10 @@ same prompt are compared (``max_logit_diff`` in the output) and greedy decoding
 is checked to pick the same tokens: a mismatch (tokens differ, or logits differ
 by more than ``PARITY_TOLERANCE`` of their scale) stops the benchmark with exit
 status 1 and no results, and so do differing decode tokens after the timed runs.
+With 16-bit activations the engines round differently, so there the check is
+that logits agree within ``PARITY_TOLERANCE_16BIT`` of their scale and pick the
+same top token at ``PARITY_TOP1_16BIT`` of the prompt's positions (a wrong
+weight or formula fails both by far); decode tokens are then compared, not required.
 
 Measured, per engine, on MLX's default device (the CPU backend on Linux):
 
@@ -137,6 +141,10 @@ QNEXT_ENGINES = ("qnext_mlx", "qnext_mlx_1lane")
 # Largest max |logit difference| between the engines, relative to the largest logit,
 # that passes the parity check (float32 runs agree to about 1e-5).
 PARITY_TOLERANCE = 1e-3
+# With 16-bit activations: logits within 10% of their scale, the same top token at 90%
+# of the positions (the demo model in bfloat16: 0.9% and 97% on 64 random tokens).
+PARITY_TOLERANCE_16BIT = 0.1
+PARITY_TOP1_16BIT = 0.9
 
 
 def log(msg: str) -> None:
@@ -282,8 +290,9 @@ def prompt(length: int, vocab: int, seed: int) -> mx.array:
 
 
 def check_parity(models: Dict[str, nn.Module], vocab: int, length: int = 128) -> Dict:
-    """Max |logit difference| between the engines on one prompt (no cache), and
-    whether greedy decoding of a few tokens picks the same ones."""
+    """Max |logit difference| between the engines on one prompt (no cache), how often
+    they pick the same top token there, whether greedy decoding of a few tokens picks
+    the same ones, and ``ok`` (see the module docstring for the rule per dtype)."""
     ids = prompt(length, vocab, seed=1)
     pair = {"qnext_mlx": models["qnext_mlx"], "mlx_lm": models["mlx_lm"]}
     logits = {name: m(ids) for name, m in pair.items()}
@@ -296,12 +305,21 @@ def check_parity(models: Dict[str, nn.Module], vocab: int, length: int = 128) ->
         cache = m.make_cache()
         toks[name] = decode(m, prefill(m, ids[:, :64], cache), cache, 8)
     match = toks["qnext_mlx"] == toks["mlx_lm"]
+    top1 = (a.argmax(axis=-1) == b.argmax(axis=-1)).astype(mx.float32).mean().item()
+    exact = logits["qnext_mlx"].dtype == mx.float32
+    if exact:
+        ok = match and diff <= PARITY_TOLERANCE * max(scale, 1.0)
+    else:
+        ok = diff <= PARITY_TOLERANCE_16BIT * max(scale, 1.0) and top1 >= PARITY_TOP1_16BIT
     return {
         "prompt_tokens": length,
+        "activations": str(logits["qnext_mlx"].dtype).rsplit(".", 1)[-1],
         "max_logit_diff": diff,
         "max_abs_logit": scale,
+        "top1_agreement": top1,
         "greedy_tokens_match": match,
-        "ok": bool(match and diff <= PARITY_TOLERANCE * max(scale, 1.0)),
+        "exact": bool(exact),
+        "ok": bool(ok),
     }
 
 
@@ -649,7 +667,8 @@ def main(argv=None) -> int:
     except OSError:
         pass
     ids = {name: res[name]["decode_ids"] for name in ENGINES}
-    if len({tuple(t) for t in ids.values()}) != 1 or any(res[n].get("decode_ids_vary") for n in ENGINES):
+    same_tokens = len({tuple(t) for t in ids.values()}) == 1 and not any(res[n].get("decode_ids_vary") for n in ENGINES)
+    if parity["exact"] and not same_tokens:
         log(f"error: the engines decoded different tokens: {ids}")
         return 1
     timings = {
@@ -674,7 +693,7 @@ def main(argv=None) -> int:
             compare({n: timings[n]["decode"] for n in ENGINES}),
             prompt_tokens=512,
             tokens=decode_tokens,
-            same_tokens=True,
+            same_tokens=same_tokens,
         ),
         "memory_gb": {
             name: {

@@ -220,7 +220,15 @@ def main(argv=None) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
     )
+    try:  # a path inside the repository is recorded relative to it
+        what = str(Path(what).resolve().relative_to(REPO))
+    except (ValueError, OSError):
+        pass
     result["model"] = what
+    try:
+        result["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
     print(format_table(result))
     if args.json:
         tmp = args.json.with_name(f".{args.json.name}.{os.getpid()}.tmp")
