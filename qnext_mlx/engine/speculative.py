@@ -75,11 +75,13 @@ def mtp_default(model, device=None) -> bool:
     and speculative decoding is faster on the backend (``device``, default MLX's
     default device), per :data:`MTP_BY_DEFAULT`.
 
-    - CPU backend: off, by measurement (``scripts/bench_mtp.py``): on the demo model
-      (greedy, 200 tokens) MTP runs at 0.6-1.0x plain decoding for K = 1..4 although
-      64-77% of the drafts are accepted: there a forward pass costs in proportion to
-      its tokens (the matmuls, the token-by-token DeltaNet recurrence), so verifying
-      K+1 tokens is not much cheaper than decoding them, and the MTP layer comes on top.
+    - CPU backend: off, by measurement (``scripts/bench_mtp.py``,
+      ``scripts/results/bench-mtp-demo.json``): on the demo model (greedy, 256 tokens)
+      MTP runs at 0.97x, 0.90x and 0.80x plain decoding for K = 1, 2, 3 by wall clock
+      (1.02x, 0.99x, 0.90x by CPU seconds) although 78%, 67% and 56% of the drafts are
+      accepted: there a forward pass costs in proportion to its tokens (the matmuls, the
+      token-by-token DeltaNet recurrence), so verifying K+1 tokens is not much cheaper
+      than decoding them, and the MTP layer comes on top.
     - GPU (Metal, CUDA): measured on the user's machine, once per model shape and
       machine: the first call times plain and MTP greedy decoding of the same short
       prompt (:mod:`qnext_mlx.engine.mtp_trial`; each path warmed up first) and keeps
