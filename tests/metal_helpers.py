@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -53,7 +54,8 @@ def fake_mac(
     block yields. Decisions in memory and kernel objects start and end empty."""
     import mlx_lm.models.gated_delta as gd
 
-    cache = Path(tempfile.mkdtemp(prefix="qnext-cache-")) if cache is None else cache
+    made = cache is None
+    cache = Path(tempfile.mkdtemp(prefix="qnext-cache-")) if made else cache
     candidates.forget()
     registry.forget_kernel_objects()
     try:
@@ -68,6 +70,8 @@ def fake_mac(
     finally:
         candidates.forget()
         registry.forget_kernel_objects()
+        if made:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def fixed_timer(times_us: Dict[str, float], calls: Optional[List[str]] = None) -> Callable:
