@@ -171,8 +171,8 @@ def test_override_forces_a_candidate(forced, monkeypatch):
         cap_args, cap_kw = _mixer(T=2, seed=5, states=True)
         _run(cap_args, cap_kw)
         cap = [x for x in candidates.decisions() if "states=True" in x.config][0]
+        assert not list(cache.iterdir())  # forced choices are not cached
     assert d.choice == forced and d.how == f"forced by QNEXT_KERNELS={forced}"
-    assert not list(cache.iterdir())  # forced choices are not cached
     _close(out, km.gated_delta_decode_reference(*args, **kw), 1e-5)
     if forced == "mlx-lm":  # cannot serve per-token states: the reference, and it says why
         assert cap.choice == "reference" and "cannot run here" in cap.how and "per-token states" in cap.how
