@@ -38,14 +38,30 @@
 // Lane partial sums of NR consecutive rows (from row0) of one (NM = 1) or two (NM = 2,
 // same shapes and quantisation: gate and up) quantized matrices times xin [in_dim].
 // acc0/acc1 are added to; the caller reduces them over the simdgroup.
-template <int BITS, int GS, int NR, int NM, typename XT, typename S0, typename S1>
-inline void moe_qmv_lanes(const device uint32_t* w0, const device S0* s0, const device S0* b0,
-                          const device uint32_t* w1, const device S1* s1, const device S1* b1,
-                          uint row0, int in_dim, const device XT* xin, uint lane,
+// The pointer types are template parameters: MLX passes an input of fewer than 8
+// elements in the constant address space, larger ones in device memory (e.g. the
+// shared_expert_gate scales of a small model, or stage 0's 1-element `hin`), so
+// each argument keeps the address space it comes with.
+template <int BITS, typename WP>
+inline float moe_word_dot(WP wp, const thread float* xv) {
+  constexpr int PF = 32 / BITS;
+  constexpr uint MASK = (1u << BITS) - 1u;
+  float d = 0.0f;
+  for (int p = 0; p < 2; ++p) {
+    const uint32_t word = wp[p];
+    for (int i = 0; i < PF; ++i) {
+      d += xv[p * PF + i] * static_cast<float>((word >> (BITS * i)) & MASK);
+    }
+  }
+  return d;
+}
+
+template <int BITS, int GS, int NR, int NM, typename W0, typename S0, typename B0, typename W1, typename S1,
+          typename B1, typename XP>
+inline void moe_qmv_lanes(W0 w0, S0 s0, B0 b0, W1 w1, S1 s1, B1 b1, uint row0, int in_dim, XP xin, uint lane,
                           thread float* acc0, thread float* acc1) {
   constexpr int PF = 32 / BITS;      // values per packed word
   constexpr int VPT = 2 * PF;        // values per lane and block
-  constexpr uint MASK = (1u << BITS) - 1u;
   const ulong words = in_dim / PF;   // packed words per weight row
   const ulong groups = in_dim / GS;  // scales per weight row
   for (int k0 = lane * VPT; k0 < in_dim; k0 += 32 * VPT) {
@@ -59,20 +75,12 @@ inline void moe_qmv_lanes(const device uint32_t* w0, const device S0* s0, const 
     const ulong wk = k0 / PF;
     for (int r = 0; r < NR; ++r) {
       const ulong row = row0 + r;
-      for (int m = 0; m < NM; ++m) {
-        const device uint32_t* wp = (m == 0 ? w0 : w1) + row * words + wk;
-        float d = 0.0f;
-        for (int p = 0; p < 2; ++p) {
-          const uint32_t word = wp[p];
-          for (int i = 0; i < PF; ++i) {
-            d += xv[p * PF + i] * static_cast<float>((word >> (BITS * i)) & MASK);
-          }
-        }
-        if (m == 0) {
-          acc0[r] += static_cast<float>(s0[row * groups + g]) * d + static_cast<float>(b0[row * groups + g]) * xs;
-        } else {
-          acc1[r] += static_cast<float>(s1[row * groups + g]) * d + static_cast<float>(b1[row * groups + g]) * xs;
-        }
+      const ulong sg = row * groups + g;
+      acc0[r] += static_cast<float>(s0[sg]) * moe_word_dot<BITS>(w0 + row * words + wk, xv) +
+                 static_cast<float>(b0[sg]) * xs;
+      if (NM == 2) {
+        acc1[r] += static_cast<float>(s1[sg]) * moe_word_dot<BITS>(w1 + row * words + wk, xv) +
+                   static_cast<float>(b1[sg]) * xs;
       }
     }
   }

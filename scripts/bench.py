@@ -10,7 +10,13 @@ shared-expert gates at 8 bits, as mlx-lm's ``quant_predicate`` does) is written
 once and loaded by both engines: ``qnext_mlx.load_model`` and
 ``mlx_lm.utils.load_model``. Before any timing the two engines' logits on the
 same prompt are compared (``max_logit_diff`` in the output) and greedy decoding
-is checked to pick the same tokens.
+is checked to pick the same tokens: a mismatch (tokens differ, or logits differ
+by more than ``PARITY_TOLERANCE`` of their scale) stops the benchmark with exit
+status 1 and no results, and so do differing decode tokens after the timed runs.
+With 16-bit activations the engines round differently, so there the check is
+that logits agree within ``PARITY_TOLERANCE_16BIT`` of their scale and pick the
+same top token at ``PARITY_TOP1_16BIT`` of the prompt's positions (a wrong
+weight or formula fails both by far); decode tokens are then compared, not required.
 
 Measured, per engine, on MLX's default device (the CPU backend on Linux):
 
@@ -22,12 +28,18 @@ Measured, per engine, on MLX's default device (the CPU backend on Linux):
 - memory: the parameters' size and the transient peak above it
   (``mx.get_peak_memory`` over the engine's runs, reset before them).
 
-Timings are wall-clock, best of ``--reps`` runs (one run for lengths above
-2048), the two engines alternating (the machine may be shared: the process
-CPU time of the best run is recorded too, and the load average before and
-after). tok/s ratios are qnext_mlx / mlx-lm. mlx-lm runs every CPU op on one
-thread; qnext_mlx spreads its prefill GEMMs and decode matmuls over one CPU
-stream per core (``QNEXT_CPU_LANES``; ``--lanes 1`` compares single-threaded).
+Three engines are timed: ``qnext_mlx`` (its CPU work spread over one MLX CPU
+stream per core, ``QNEXT_CPU_LANES``; ``--lanes`` sets it), ``qnext_mlx_1lane``
+(the same model with lanes off: one thread, as mlx-lm) and ``mlx_lm`` (every CPU
+op on one thread). Each measurement runs ``--reps`` times (at least 2), the
+order of the engines reversed on every other rep, so each goes first as often.
+Every run's wall-clock and process CPU seconds are kept; the reported figures
+are the best wall time and the best CPU time. Every ratio is given both ways,
+qnext / mlx-lm: by wall clock (``ratio``: tok/s over tok/s, what a user waits)
+and by CPU seconds (``ratio_cpu``: mlx-lm's CPU seconds over qnext's for the same
+work, what it costs: on 2 cores the lanes can double the first without touching
+the second); ``ratio_1lane`` and ``ratio_1lane_cpu`` for the one-lane run. The
+load average before and after is recorded (the machine may be shared).
 ``--profile TOKENS`` instead times each component of both engines (CPU seconds
 per DeltaNet / attention / MoE block and LM head, scaled to the whole model).
 
@@ -40,7 +52,7 @@ about 4 tok/s there). ``--quick`` halves the widths (hidden 1024; 16 value /
 8 key DeltaNet heads and 8 query / 1 KV attention heads, head dims kept; 32
 experts of 256, top-10), keeps 2 layers (1 DeltaNet + 1 attention), measures
 512 and 2048 tokens once each and 16 decode tokens, and finishes in about 3
-minutes on 2 idle cores. The float dtype is float32 by default: mlx-lm's
+minutes on 2 idle cores (with 3 engines and 2 reps, about 7). The float dtype is float32 by default: mlx-lm's
 fastest on the CPU backend (its quantized kernels run 10x+ slower with
 bfloat16 activations there, which ``--dtype bfloat16`` shows; the 4-bit
 weights are the same either way).
@@ -124,7 +136,15 @@ QUICK_CONFIG = dict(
 )
 
 PREFILL_STEP = 2048  # mlx_lm.generate's default prefill_step_size
-ENGINES = ("qnext_mlx", "mlx_lm")
+ENGINES = ("qnext_mlx", "qnext_mlx_1lane", "mlx_lm")
+QNEXT_ENGINES = ("qnext_mlx", "qnext_mlx_1lane")
+# Largest max |logit difference| between the engines, relative to the largest logit,
+# that passes the parity check (float32 runs agree to about 1e-5).
+PARITY_TOLERANCE = 1e-3
+# With 16-bit activations: logits within 10% of their scale, the same top token at 90%
+# of the positions (the demo model in bfloat16: 0.9% and 97% on 64 random tokens).
+PARITY_TOLERANCE_16BIT = 0.1
+PARITY_TOP1_16BIT = 0.9
 
 
 def log(msg: str) -> None:
@@ -208,7 +228,7 @@ def load_engines(path: Path) -> Dict[str, nn.Module]:
 
     ours = qnext_mlx.load_model(path, lazy=False)
     theirs, _ = mlx_lm_load_model(Path(path), lazy=False)
-    return {"qnext_mlx": ours, "mlx_lm": theirs}
+    return {"qnext_mlx": ours, "qnext_mlx_1lane": ours, "mlx_lm": theirs}
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -270,48 +290,63 @@ def prompt(length: int, vocab: int, seed: int) -> mx.array:
 
 
 def check_parity(models: Dict[str, nn.Module], vocab: int, length: int = 128) -> Dict:
-    """Max |logit difference| between the engines on one prompt (no cache), and
-    whether greedy decoding of a few tokens picks the same ones."""
+    """Max |logit difference| between the engines on one prompt (no cache), how often
+    they pick the same top token there, whether greedy decoding of a few tokens picks
+    the same ones, and ``ok`` (see the module docstring for the rule per dtype)."""
     ids = prompt(length, vocab, seed=1)
-    logits = {name: m(ids) for name, m in models.items()}
+    pair = {"qnext_mlx": models["qnext_mlx"], "mlx_lm": models["mlx_lm"]}
+    logits = {name: m(ids) for name, m in pair.items()}
     mx.eval(logits)
     a, b = logits["qnext_mlx"].astype(mx.float32), logits["mlx_lm"].astype(mx.float32)
     diff = mx.abs(a - b).max().item()
     scale = mx.abs(b).max().item()
     toks = {}
-    for name, m in models.items():
+    for name, m in pair.items():
         cache = m.make_cache()
         toks[name] = decode(m, prefill(m, ids[:, :64], cache), cache, 8)
+    match = toks["qnext_mlx"] == toks["mlx_lm"]
+    top1 = (a.argmax(axis=-1) == b.argmax(axis=-1)).astype(mx.float32).mean().item()
+    exact = logits["qnext_mlx"].dtype == mx.float32
+    if exact:
+        ok = match and diff <= PARITY_TOLERANCE * max(scale, 1.0)
+    else:
+        ok = diff <= PARITY_TOLERANCE_16BIT * max(scale, 1.0) and top1 >= PARITY_TOP1_16BIT
     return {
         "prompt_tokens": length,
+        "activations": str(logits["qnext_mlx"].dtype).rsplit(".", 1)[-1],
         "max_logit_diff": diff,
         "max_abs_logit": scale,
-        "greedy_tokens_match": toks["qnext_mlx"] == toks["mlx_lm"],
+        "top1_agreement": top1,
+        "greedy_tokens_match": match,
+        "exact": bool(exact),
+        "ok": bool(ok),
     }
 
 
 def run(
-    models: Dict[str, nn.Module], vocab: int, lengths: List[int], reps: int, decode_tokens: int, decode_prompt: int
+    models: Dict[str, nn.Module],
+    vocab: int,
+    lengths: List[int],
+    reps: int,
+    decode_tokens: int,
+    decode_prompt: int,
+    lanes: Dict[str, int],
 ) -> Dict:
-    """Prefill at each length (and decode after the ``decode_prompt``-token
-    prefill), engines alternating; returns the best timings and memory peaks."""
-    res = {name: {"prefill": {}, "peak_extra_bytes": 0} for name in models}
+    """Prefill at each length (and decode after the ``decode_prompt``-token prefill),
+    ``reps`` times, the engines' order reversed on every other rep; ``lanes``: the
+    CPU lanes each qnext engine runs with. Returns every run's wall and CPU seconds,
+    the decoded tokens and the memory peaks."""
+    from qnext_mlx.kernels import lanes as qlanes
+
+    res = {name: {"prefill": {}, "decode": [], "peak_extra_bytes": 0} for name in models}
     order = list(models)
-
-    def keep_best(name, key, wall, cpu, n, **extra):
-        best = res[name]["prefill"].get(key) if key != "decode" else res[name].get("decode")
-        if best is None or wall < best["wall_s"]:
-            entry = {"wall_s": wall, "cpu_s": cpu, "tok_s": n / wall, **extra}
-            if key == "decode":
-                res[name]["decode"] = entry
-            else:
-                res[name]["prefill"][key] = entry
-
     for L in sorted(set(lengths) | {decode_prompt}):
         ids = prompt(L, vocab, seed=L)
-        for rep in range(reps if L <= 2048 else 1):
+        for rep in range(reps):
             for name in order if rep % 2 == 0 else order[::-1]:
                 m = models[name]
+                if name in lanes:
+                    qlanes.set_cpu_lanes(lanes[name])
                 mx.clear_cache()
                 base = mx.get_active_memory()
                 mx.reset_peak_memory()
@@ -319,26 +354,50 @@ def run(
                 with Clock() as c:
                     last = prefill(m, ids, cache)
                 if L in lengths:
-                    keep_best(name, str(L), c.wall, c.cpu, L)
+                    res[name]["prefill"].setdefault(str(L), []).append({"wall_s": c.wall, "cpu_s": c.cpu})
                     log(
-                        f"  prefill {L:5d} {name:9s} rep {rep}: {L / c.wall:7.2f} tok/s "
+                        f"  prefill {L:5d} {name:15s} rep {rep}: {L / c.wall:7.2f} tok/s "
                         f"({c.wall:6.1f} s wall, {c.cpu:6.1f} s cpu)"
                     )
                 if L == decode_prompt:
                     with Clock() as d:
                         toks = decode(m, last, cache, decode_tokens)
-                    keep_best(
-                        name, "decode", d.wall, d.cpu, decode_tokens, prompt_tokens=decode_prompt, tokens=decode_tokens
-                    )
-                    res[name]["decode_ids"] = toks
+                    res[name]["decode"].append({"wall_s": d.wall, "cpu_s": d.cpu})
+                    res[name].setdefault("decode_ids", toks)
+                    if toks != res[name]["decode_ids"]:
+                        res[name]["decode_ids_vary"] = True
                     log(
-                        f"  decode {decode_tokens} after {decode_prompt} {name:9s} rep {rep}: "
-                        f"{decode_tokens / d.wall:6.2f} tok/s ({d.wall:5.1f} s wall)"
+                        f"  decode {decode_tokens} after {decode_prompt} {name:15s} rep {rep}: "
+                        f"{decode_tokens / d.wall:6.2f} tok/s ({d.wall:5.1f} s wall, {d.cpu:5.1f} s cpu)"
                     )
                 peak = mx.get_peak_memory() - base
                 res[name]["peak_extra_bytes"] = max(res[name]["peak_extra_bytes"], peak)
                 del cache, last
     return res
+
+
+def summarize(samples: List[Dict[str, float]], tokens: int) -> Dict:
+    """Best (and median) wall and CPU seconds of the runs of one measurement; tok/s by wall clock."""
+    walls = sorted(x["wall_s"] for x in samples)
+    cpus = sorted(x["cpu_s"] for x in samples)
+    return {
+        "wall_s": walls[0],
+        "cpu_s": cpus[0],
+        "median_wall_s": walls[len(walls) // 2],
+        "median_cpu_s": cpus[len(cpus) // 2],
+        "tok_s": tokens / walls[0],
+        "runs": samples,
+    }
+
+
+def compare(timings: Dict[str, Dict]) -> Dict:
+    """tok/s per engine and the ratios qnext / mlx-lm by wall clock and by CPU seconds."""
+    ref = timings["mlx_lm"]
+    out = {name: t["tok_s"] for name, t in timings.items()}
+    for name, suffix in (("qnext_mlx", ""), ("qnext_mlx_1lane", "_1lane")):
+        out[f"ratio{suffix}"] = ref["wall_s"] / timings[name]["wall_s"]
+        out[f"ratio{suffix}_cpu"] = ref["cpu_s"] / timings[name]["cpu_s"]
+    return out
 
 
 def machine_info() -> Dict:
@@ -450,15 +509,17 @@ def write_chart(result: Dict, path: Path) -> Optional[Path]:
         return None
     groups = [f"prefill {L}" for L in result["prefill"]] + ["decode"]
     rows = list(result["prefill"].values()) + [result["decode"]]
-    fig, ax = plt.subplots(figsize=(1.9 * len(groups) + 2, 4.2))
-    width = 0.38
-    for i, (eng, color) in enumerate((("mlx_lm", "#9aa5b1"), ("qnext_mlx", "#2f6db5"))):
-        xs = [g + (i - 0.5) * width for g in range(len(groups))]
-        vals = [r[eng] for r in rows]
-        ax.bar(xs, vals, width, label=eng.replace("_", "-"), color=color)
+    fig, ax = plt.subplots(figsize=(max(2.4 * len(groups) + 2, 8.5), 4.8))
+    width = 0.27
+    bars = (("mlx_lm", "#9aa5b1", "mlx-lm"), ("qnext_mlx_1lane", "#8fb3e0", "qnext-mlx, 1 lane"))
+    bars += (("qnext_mlx", "#2f6db5", "qnext-mlx"),)
+    for i, (eng, color, label) in enumerate(bars):
+        xs = [g + (i - 1) * width for g in range(len(groups))]
+        ax.bar(xs, [r[eng] for r in rows], width, label=label, color=color)
     for g, r in enumerate(rows):
-        top = max(r["qnext_mlx"], r["mlx_lm"])
-        ax.text(g, top * 1.02, f"{r['ratio']:.2f}x", ha="center", va="bottom", fontsize=9)
+        top = max(r["qnext_mlx"], r["mlx_lm"], r["qnext_mlx_1lane"])
+        text = f"{r['ratio']:.2f}x wall\n{r['ratio_cpu']:.2f}x CPU s\n1 lane {r['ratio_1lane']:.2f}x"
+        ax.text(g, top * 1.02, text, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("tokens / s (higher is better)")
     cfg = result["config"]
@@ -467,12 +528,13 @@ def write_chart(result: Dict, path: Path) -> Optional[Path]:
     ax.set_title(
         f"hidden {cfg['hidden_size']}, {cfg['num_hidden_layers'] - n_attn} DeltaNet + {n_attn} attention layers, "
         f"{cfg['num_experts']} experts (top-{cfg['num_experts_per_tok']}), {result['bits']}-bit, {result['dtype']}\n"
-        f"MLX {m['mlx']} CPU backend, {m['cpus']} cores; qnext_mlx {m['qnext_cpu_lanes']} CPU lane(s), "
-        f"mlx-lm {m['mlx_lm']} one",
+        f"MLX {m['mlx']} CPU backend, {m['cpus']} cores: qnext-mlx on {m['qnext_cpu_lanes']} CPU lanes and on 1, "
+        f"mlx-lm {m['mlx_lm']} on one\nbest of {result['reps']} runs each, engine order alternating; "
+        "ratios qnext / mlx-lm by wall clock and by CPU seconds",
         fontsize=9,
     )
     ax.legend()
-    ax.margins(y=0.15)
+    ax.margins(y=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
@@ -494,12 +556,12 @@ def write_json(obj: Dict, path: Path) -> None:
 # --------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller model, 512 and 2048 tokens, one rep")
+    p.add_argument("--quick", action="store_true", help="smaller model, 512 and 2048 tokens")
     p.add_argument("--json", type=Path, help="result JSON (default OUT_DIR/bench.json)")
     p.add_argument("--png", type=Path, help="bar chart (default next to the JSON)")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench_out", help="checkpoints and default outputs")
     p.add_argument("--lengths", type=int, nargs="+", help="prefill lengths (default 512 2048 8192; quick 512 2048)")
-    p.add_argument("--reps", type=int, help="timed runs per measurement (default 2; quick 1)")
+    p.add_argument("--reps", type=int, default=2, help="timed runs per measurement, at least 2 (default 2)")
     p.add_argument("--decode-tokens", type=int, help="greedy tokens timed (default 32; quick 16)")
     p.add_argument(
         "--dtype",
@@ -519,8 +581,8 @@ def parse_args(argv=None):
         "--lanes",
         type=int,
         default=None,
-        help="CPU streams (threads) for qnext_mlx's prefill GEMMs (default: the library's, "
-        "QNEXT_CPU_LANES or 1); mlx-lm always runs on one",
+        help="CPU streams (threads) for qnext_mlx (default: the library's, QNEXT_CPU_LANES or one per core); "
+        "qnext_mlx_1lane runs on one, as mlx-lm always does",
     )
     p.add_argument(
         "--profile",
@@ -547,7 +609,10 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             cfg[key] = value
     lengths = args.lengths or ([512, 2048] if args.quick else [512, 2048, 8192])
-    reps = args.reps or (1 if args.quick else 2)
+    reps = args.reps
+    if reps < 2:
+        log("error: --reps must be at least 2 (the engines take turns going first)")
+        return 2
     decode_tokens = args.decode_tokens or (16 if args.quick else 32)
     json_path = args.json or args.out_dir / "bench.json"
     png_path = args.png or json_path.with_suffix(".png")
@@ -569,14 +634,21 @@ def main(argv=None) -> int:
         f"parity: max |logit diff| {parity['max_logit_diff']:.3g} (logits up to {parity['max_abs_logit']:.3g}), "
         f"greedy tokens match: {parity['greedy_tokens_match']}"
     )
-    # Warm-up (compiled helpers, allocator) on a short prompt, both paths.
-    for m in models.values():
+    if not parity["ok"]:
+        log("error: the engines disagree (parity check above): not timing them")
+        return 1
+    # Warm-up (compiled helpers, allocator) on a short prompt, every engine as it is timed.
+    lanes = {"qnext_mlx": qlanes.cpu_lanes(), "qnext_mlx_1lane": 1}
+    for name, m in models.items():
+        if name in lanes:
+            qlanes.set_cpu_lanes(lanes[name])
         c = m.make_cache()
         decode(m, prefill(m, prompt(64, cfg["vocab_size"], 3), c), c, 2)
+    qlanes.set_cpu_lanes(lanes["qnext_mlx"])
 
     if args.profile:
         prof = {}
-        for name in ENGINES:
+        for name in ("qnext_mlx", "mlx_lm"):
             log(f"profile {name}, {args.profile} tokens:")
             prof[name] = profile(models[name], args.profile, cfg["hidden_size"])
         result = {"config": cfg, "dtype": args.dtype, "machine": machine, "parity": parity, "profile": prof}
@@ -588,15 +660,24 @@ def main(argv=None) -> int:
         print(f"wrote {json_path}")
         return 0
 
-    res = run(models, cfg["vocab_size"], lengths, reps, decode_tokens, decode_prompt=512)
+    res = run(models, cfg["vocab_size"], lengths, reps, decode_tokens, decode_prompt=512, lanes=lanes)
+    qlanes.set_cpu_lanes(lanes["qnext_mlx"])
     try:
         machine["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
-
-    def pair(key_fn):
-        a, b = key_fn(res["qnext_mlx"]), key_fn(res["mlx_lm"])
-        return {"qnext_mlx": a, "mlx_lm": b, "ratio": a / b}
+    ids = {name: res[name]["decode_ids"] for name in ENGINES}
+    same_tokens = len({tuple(t) for t in ids.values()}) == 1 and not any(res[n].get("decode_ids_vary") for n in ENGINES)
+    if parity["exact"] and not same_tokens:
+        log(f"error: the engines decoded different tokens: {ids}")
+        return 1
+    timings = {
+        name: {
+            "prefill": {L: summarize(runs, int(L)) for L, runs in res[name]["prefill"].items()},
+            "decode": summarize(res[name]["decode"], decode_tokens),
+        }
+        for name in ENGINES
+    }
 
     result = {
         "config": cfg,
@@ -607,12 +688,12 @@ def main(argv=None) -> int:
         "reps": reps,
         "machine": machine,
         "parity": parity,
-        "prefill": {L: pair(lambda r, L=L: r["prefill"][L]["tok_s"]) for L in res["qnext_mlx"]["prefill"]},
+        "prefill": {L: compare({n: timings[n]["prefill"][L] for n in ENGINES}) for L in timings["mlx_lm"]["prefill"]},
         "decode": dict(
-            pair(lambda r: r["decode"]["tok_s"]),
+            compare({n: timings[n]["decode"] for n in ENGINES}),
             prompt_tokens=512,
             tokens=decode_tokens,
-            same_tokens=res["qnext_mlx"]["decode_ids"] == res["mlx_lm"]["decode_ids"],
+            same_tokens=same_tokens,
         ),
         "memory_gb": {
             name: {
@@ -622,21 +703,23 @@ def main(argv=None) -> int:
             }
             for name in ENGINES
         },
-        "timings": {name: {"prefill": res[name]["prefill"], "decode": res[name]["decode"]} for name in ENGINES},
+        "timings": timings,
         "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "elapsed_s": time.perf_counter() - t0,
     }
     write_json(result, json_path)
     chart = write_chart(result, png_path)
 
-    print(f"{'':14s}{'qnext_mlx':>12s}{'mlx-lm':>12s}{'ratio':>8s}")
-    for L, r in result["prefill"].items():
-        print(f"prefill {L:>6s}{r['qnext_mlx']:12.2f}{r['mlx_lm']:12.2f}{r['ratio']:7.2f}x")
-    d = result["decode"]
-    print(f"{'decode':14s}{d['qnext_mlx']:12.2f}{d['mlx_lm']:12.2f}{d['ratio']:7.2f}x   (tok/s)")
+    head = ("qnext_mlx", "1 lane", "mlx-lm", "wall", "CPU s", "1l wall", "1l CPU")
+    print(f"{'tok/s, ratios':14s}" + "".join(f"{h:>10s}" for h in head))
+    rows = [(f"prefill {L}", r) for L, r in result["prefill"].items()] + [("decode", result["decode"])]
+    for label, r in rows:
+        vals = [r["qnext_mlx"], r["qnext_mlx_1lane"], r["mlx_lm"]]
+        ratios = [r["ratio"], r["ratio_cpu"], r["ratio_1lane"], r["ratio_1lane_cpu"]]
+        print(f"{label:14s}" + "".join(f"{v:10.2f}" for v in vals) + "".join(f"{v:9.2f}x" for v in ratios))
     for name in ENGINES:
         m = result["memory_gb"][name]
-        print(f"memory {name:9s} weights {m['weights']:.2f} GB, peak {m['peak']:.2f} GB")
+        print(f"memory {name:15s} weights {m['weights']:.2f} GB, peak {m['peak']:.2f} GB")
     print(f"max |logit diff| {parity['max_logit_diff']:.3g}; wrote {json_path}" + (f" and {chart}" if chart else ""))
     log(f"total {result['elapsed_s']:.0f} s")
     return 0

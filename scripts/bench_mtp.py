@@ -5,9 +5,10 @@
     python scripts/bench_mtp.py --model PATH --ks 2 3 --max-tokens 256 --json OUT
 
 For each K (and once without MTP) the same prompt is decoded ``--max-tokens``
-tokens on a fresh cache, ``--reps`` times; the best run counts (the machine may
-be shared). Timed is the decode only: from the first generated token to the last
-(the prefill, MTP prefill included, is left out), as wall-clock tok/s and as
+tokens on a fresh cache, ``--reps`` times, after one short warm-up run of every
+path; the best run counts (the machine may be shared). Timed is the decode only:
+from the first generated token to the last (the prefill, MTP prefill included, is
+left out), as wall-clock tok/s and as
 tokens per second of process CPU time (steadier on a shared machine; it counts
 MLX's worker thread too, so it ignores the overlap of graph building and compute). Greedy by default, so every run
 must produce the same tokens as plain decoding, which is checked. Reported per K:
@@ -111,10 +112,14 @@ def bench_mtp(
     """
     if not model.has_mtp:
         raise ValueError("the model has no MTP head")
-    _decode(model, prompt_ids, min(8, max_tokens), None, temp, seed, top_p, top_k)  # warm-up
     runs = {None: None}
     for k in ks:
         runs[k] = None
+    # Warm up every path that is timed (plain and each K: each has graphs of its own
+    # sizes to build, and on a GPU kernels to compile and select), so that no first-use
+    # cost falls inside a timing.
+    for k in runs:
+        _decode(model, prompt_ids, min(8, max_tokens), k, temp, seed, top_p, top_k)
     best_cpu = {k: 0.0 for k in runs}
     for rep in range(reps):
         for k in runs:  # alternate, so a change of machine load hits all alike
@@ -215,7 +220,15 @@ def main(argv=None) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
     )
+    try:  # a path inside the repository is recorded relative to it
+        what = str(Path(what).resolve().relative_to(REPO))
+    except (ValueError, OSError):
+        pass
     result["model"] = what
+    try:
+        result["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
     print(format_table(result))
     if args.json:
         tmp = args.json.with_name(f".{args.json.name}.{os.getpid()}.tmp")

@@ -43,3 +43,19 @@ def chat_model_dir(hf_checkpoint):
     if not (folder / "tokenizer.json").exists():
         write_tokenizer(folder, vocab_size=320)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_decision_cache(tmp_path_factory):
+    """Kernel and MTP decisions (qnext_mlx.kernels.candidates) go to a folder of the test
+    session, never to the user's cache; subprocesses inherit it."""
+    import os
+
+    folder = tmp_path_factory.mktemp("qnext-cache")
+    old = os.environ.get("QNEXT_CACHE_DIR")
+    os.environ["QNEXT_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("QNEXT_CACHE_DIR", None)
+    else:
+        os.environ["QNEXT_CACHE_DIR"] = old

@@ -4,9 +4,10 @@
    sum, shared expert: what SparseMoeBlock computes) and a float64 NumPy oracle,
    on small model-like shapes: bits 4 and 8, group sizes 32/64/128, top-k 4 and
    10, T = 1 and 3 with experts shared between tokens, float32/bfloat16/float16.
-2. The first-use selection with an injected timer and factory: correct and
-   faster -> kernel; slower -> reference (info line); mismatch -> reference
-   (warning); off Metal -> never used; each decision made once.
+2. The first-use selection (qnext_mlx.kernels.candidates) on a faked Mac
+   (tests/metal_helpers.py) with a fixed timer: correct and faster -> kernel;
+   slower -> mlx-lm's gather_qmm; mismatch -> gather_qmm (warning); off Metal ->
+   never used; each decision made once.
 3. SparseMoeBlock on a Metal-like path (shim factory) against the CPU path, and
    the CPU path unchanged.
 """
@@ -14,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -27,13 +27,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "metal" / "shim"))
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None,
-    reason="g++ not found: the Metal shim compiles kernel bodies with the system C++ compiler",
-)
-
 import metal_shim as ms  # noqa: E402
 
+pytestmark = pytest.mark.skipif(
+    not ms.have_compiler(),
+    reason=f"{ms.CXX} not found: the Metal shim compiles kernel bodies with clang (scripts/install-test-deps.sh)",
+)
+
+from metal_helpers import fake_mac, fixed_timer, prefer  # noqa: E402
+
+from qnext_mlx.kernels import candidates  # noqa: E402
 from qnext_mlx.kernels import metal_moe as mm  # noqa: E402
 from qnext_mlx.kernels import registry as km  # noqa: E402
 from qnext_mlx.kernels.linear import cpu_compute_dtype  # noqa: E402
@@ -49,9 +52,11 @@ MIXED_128 = ((8, 64), (8, 64), (4, 128), (4, 128), (4, 32))
 @pytest.fixture(autouse=True)
 def _fresh_state():
     """Kernel objects and decisions are module-level caches: start and end each test clean."""
-    km.forget_kernel_decisions()
+    km.forget_kernel_objects()
+    candidates.forget()
     yield
-    km.forget_kernel_decisions()
+    km.forget_kernel_objects()
+    candidates.forget()
 
 
 def _problem(quant, k, dtype, T, seed=0, same_rows=False, scales_dtype=None):
@@ -149,7 +154,7 @@ def test_kernel_repeated_experts_and_thread_order():
         )
         assert mx.array_equal(one[:, 0], got[:, t]).item()
     for order in (1, 7):
-        km.forget_kernel_decisions()
+        km.forget_kernel_objects()
         factory = lambda **kw: ms.metal_kernel(order=order, **kw)  # noqa: E731
         assert mx.array_equal(mm.run_moe_decode_kernel(factory, block, x, inds, scores), got).item()
     assert _rel(got, _oracle(block, x, inds, scores)) < 2e-6
@@ -187,50 +192,41 @@ def test_spec_rejects_what_the_kernel_does_not_handle():
 # ---------------------------------------------------------------------------
 
 
-def _fake_timer(kernel_us, reference_us, calls):
-    def timer(fn, label):
-        calls.append(label)
-        return {"kernel": kernel_us, "reference": reference_us}[label]
-
-    return timer
-
-
-def _on_fake_mac(factory=ms.metal_kernel):
-    return mock.patch.object(km, "metal_available", return_value=True), mock.patch.object(
-        mx.fast, "metal_kernel", factory
-    )
+def _decision():
+    (d,) = [d for d in candidates.decisions() if d.op == "moe_decode"]
+    return d, {t.candidate: t for t in d.trials}
 
 
 def test_selection_faster_kernel_is_used():
     block, x, inds, scores = _problem(Q4, 4, mx.float32, 3, seed=1)
     ref = mm.moe_decode_reference(block, x, inds, scores)
     calls = []
-    timer = _fake_timer(100.0, 200.0, calls)
-    avail, factory = _on_fake_mac()
-    with avail, factory:
-        assert km.kernel_status()["moe_decode"]["status"] == "unverified"
-        out = mm.moe_decode(block, x, inds, scores, timer=timer)
-        again = mm.moe_decode(block, x, inds, scores, timer=timer)
-        st = km.kernel_status()["moe_decode"]
+    with fake_mac(timer=fixed_timer({"qnext": 100.0, "mlx-lm": 200.0}, calls)):
+        out = mm.moe_decode(block, x, inds, scores)
+        again = mm.moe_decode(block, x, inds, scores)
+        d, trials = _decision()
     assert out is not None and again is not None
     assert _rel(out, ref) < 2e-6 and mx.array_equal(out, again).item()
-    assert sorted(calls) == ["kernel", "reference"]  # timed once per configuration
-    assert st["status"] == "ok" and st["max_error"] < 1e-5
-    assert "T=3: kernel 100 us vs gather_qmm 200 us" in st["detail"]
-    assert st["detail"].startswith("1 configuration(s) verified; H=256 I=128 SI=128 E=16 T=3")
+    assert sorted(calls) == ["mlx-lm", "qnext"]  # timed once per configuration
+    assert d.choice == "qnext" and d.how == "measured"
+    assert trials["qnext"].status == "chosen" and trials["qnext"].max_error < 1e-5
+    assert trials["qnext"].time_us == 100.0 and trials["mlx-lm"].time_us == 200.0
+    assert "H=256 I=128 SI=128 E=16 T=3" in d.config and "quant=4/64,4/64,4/64,4/64,8/64" in d.config
 
 
 def test_selection_slower_kernel_keeps_gather_qmm(caplog):
     block, x, inds, scores = _problem(Q4, 4, mx.float32, 1, seed=2)
     calls = []
-    avail, factory = _on_fake_mac()
-    with avail, factory, caplog.at_level(logging.INFO, logger=mm.__name__):
-        assert mm.moe_decode(block, x, inds, scores, timer=_fake_timer(300.0, 200.0, calls)) is None
-        assert mm.moe_decode(block, x, inds, scores, timer=_fake_timer(300.0, 200.0, calls)) is None
-        st = km.kernel_status()["moe_decode"]
-    assert sorted(calls) == ["kernel", "reference"]
-    assert st["status"] == "fallback" and "kept gather_qmm: 200 us vs kernel 300 us" in st["detail"]
-    assert len([r for r in caplog.records if "kept gather_qmm" in r.getMessage()]) == 1
+    with (
+        fake_mac(timer=fixed_timer({"qnext": 300.0, "mlx-lm": 200.0}, calls)),
+        caplog.at_level(logging.INFO, logger=candidates.__name__),
+    ):
+        assert mm.moe_decode(block, x, inds, scores) is None
+        assert mm.moe_decode(block, x, inds, scores) is None
+        d, trials = _decision()
+    assert sorted(calls) == ["mlx-lm", "qnext"]
+    assert d.choice == "mlx-lm" and trials["qnext"].status == "slower" and trials["mlx-lm"].status == "chosen"
+    assert len([r for r in caplog.records if "using mlx-lm (qnext 300 us, mlx-lm 200 us)" in r.getMessage()]) == 1
 
 
 def test_selection_mismatch_falls_back_with_a_warning(caplog):
@@ -245,12 +241,14 @@ def test_selection_mismatch_falls_back_with_a_warning(caplog):
 
     block, x, inds, scores = _problem(Q4, 4, mx.float32, 1, seed=3)
     calls = []
-    avail, factory = _on_fake_mac(broken_factory)
-    with avail, factory, caplog.at_level(logging.WARNING, logger=km.__name__):
-        assert mm.moe_decode(block, x, inds, scores, timer=_fake_timer(1.0, 200.0, calls)) is None
-        st = km.kernel_status()["moe_decode"]
-    assert not calls  # never timed
-    assert st["status"] == "fallback" and st["max_error"] > 1e-3
+    with (
+        fake_mac(broken_factory, timer=prefer("qnext", calls)),
+        caplog.at_level(logging.WARNING, logger=candidates.__name__),
+    ):
+        assert mm.moe_decode(block, x, inds, scores) is None
+        d, trials = _decision()
+    assert calls == ["mlx-lm"]  # the kernel was never timed
+    assert d.choice == "mlx-lm" and trials["qnext"].status == "mismatch" and trials["qnext"].max_error > 1e-3
     warnings = [r for r in caplog.records if "disagrees with the reference" in r.getMessage()]
     assert len(warnings) == 1 and "moe_decode" in warnings[0].getMessage()
 
@@ -258,12 +256,22 @@ def test_selection_mismatch_falls_back_with_a_warning(caplog):
 def test_off_metal_never_used_and_listed_by_the_doctor():
     block, x, inds, scores = _problem(Q4, 4, mx.float32, 1)
     calls = []
-    assert mm.moe_decode(block, x, inds, scores, timer=_fake_timer(1.0, 2.0, calls)) is None
-    assert not calls and not km.decisions()
-    st = km.kernel_status()
-    assert st["moe_decode"]["status"] == "no-metal"
-    ok, err, detail = km.verify_kernel("moe_decode", ms.metal_kernel)  # the doctor's default configuration
-    assert ok and err < 1e-2, detail
+    with candidates.using_timer(prefer("qnext", calls)):
+        assert mm.moe_decode(block, x, inds, scores) is None
+    assert not calls and not candidates.decisions()
+    st = candidates.status()["moe_decode"]
+    assert not st["available"] and [c["name"] for c in st["candidates"]] == ["qnext", "mlx-lm"]
+    assert st["reference"] == "mlx-lm"
+
+
+def test_doctor_sample_problem_passes_verification():
+    # The doctor's sample (the model's MoE sizes) through the real op on a faked Mac.
+    ((args, kw),) = mm.MOE_DECODE.samples()
+    with fake_mac(timer=prefer("qnext")):
+        d, out = candidates.decide(mm.MOE_DECODE, *args, **kw)
+    trials = {t.candidate: t for t in d.trials}
+    assert d.choice == "qnext" and trials["qnext"].max_error < 1e-2, trials["qnext"]
+    assert "dtype=bfloat16" in d.config and "top_k=10" in d.config and "H=2048" in d.config
 
 
 # ---------------------------------------------------------------------------
@@ -308,13 +316,7 @@ def test_moe_block_on_a_metal_like_path_matches_cpu(dtype, T):
         results.append(mm.moe_decode(*a, **kw))
         return results[-1]
 
-    avail, factory = _on_fake_mac()
-    with (
-        avail,
-        factory,
-        mock.patch.object(q3, "moe_decode", spy),
-        mock.patch.object(mm, "time_us", _fake_timer(1.0, 2.0, [])),
-    ):
+    with fake_mac(timer=prefer("qnext")), mock.patch.object(q3, "moe_decode", spy):
         got = block(x)
     assert len(results) == 1 and results[0] is not None, "the kernel was not used"
     assert got.dtype == want.dtype and got.shape == want.shape

@@ -6,15 +6,13 @@
 2. mlx-lm's own gated-delta Metal kernels, unmodified, against its ops
    reference: checks that the shim reproduces MLX's generated signature.
 3. Our fused decode kernel (metal/gdn_decode.metal) against
-   the model's MLX maths and a float64 NumPy oracle, plus the wrapper's
-   verification / fallback / status logic.
+   the model's MLX maths and a float64 NumPy oracle, and the wrapper's dispatch
+   (the first-use selection itself: tests/test_candidates.py).
 4. The chunked prefill kernel (gdn_prefill.metal) against the recurrent reference.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -26,13 +24,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "metal" / "shim"))
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None,
-    reason="g++ not found: the Metal shim compiles kernel bodies with the system C++ compiler",
-)
-
 import metal_shim as ms  # noqa: E402
 
+pytestmark = pytest.mark.skipif(
+    not ms.have_compiler(),
+    reason=f"{ms.CXX} not found: the Metal shim compiles kernel bodies with clang (scripts/install-test-deps.sh)",
+)
+
+from metal_helpers import mlx_lm_kernels  # noqa: E402
+
+from qnext_mlx.kernels import candidates  # noqa: E402
 from qnext_mlx.kernels import metal_gdn as km  # noqa: E402
 from qnext_mlx.kernels import registry as kreg  # noqa: E402
 
@@ -266,20 +267,9 @@ def test_simdgroup_matrix_ops_exact():
 def _mlx_lm_kernels():
     import mlx_lm.models.gated_delta as gd
 
-    # The factories return None without Metal; pretend it is there and hand
-    # them the shim's metal_kernel, so their exact sources are captured.
-    with (
-        mock.patch.object(mx.metal, "is_available", return_value=True),
-        mock.patch.object(mx.fast, "metal_kernel", ms.metal_kernel),
-    ):
-        kernels = {
-            "_gated_delta_kernel": gd._make_gated_delta_kernel(has_mask=False, vectorized=False),
-            "_gated_delta_kernel_masked": gd._make_gated_delta_kernel(has_mask=True, vectorized=False),
-            "_gated_delta_kernel_vec": gd._make_gated_delta_kernel(has_mask=False, vectorized=True),
-            "_gated_delta_kernel_xtree": gd._make_gated_delta_kernel_xtree(),
-            "_gated_delta_kernel_packed": gd._make_gated_delta_packed_kernel(),
-        }
-    return gd, kernels
+    # The factories return None without Metal; metal_helpers pretends it is there and
+    # hands them the shim's metal_kernel, so their exact sources are captured.
+    return gd, mlx_lm_kernels()
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
@@ -450,69 +440,6 @@ def test_decode_kernel_16bit_inputs(dtype):
         assert _rel(o, r) < 3e-2
 
 
-def test_decode_kernel_drops_into_the_model_layer():
-    # How GatedDeltaNet would use it for decode: projections, the kernel, then
-    # the gated norm and out_proj; output and both caches must match the layer.
-    from mlx.utils import tree_map
-    from mlx_lm.models.cache import ArraysCache
-
-    from qnext_mlx.model.config import ModelConfig
-    from qnext_mlx.model.qwen3_next import GatedDeltaNet
-
-    cfg = ModelConfig.from_dict(
-        dict(
-            model_type="qwen3_next",
-            vocab_size=64,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            linear_num_value_heads=4,
-            linear_num_key_heads=2,
-            linear_key_head_dim=32,
-            linear_value_head_dim=32,
-            linear_conv_kernel_dim=4,
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-            rms_norm_eps=1e-6,
-        )
-    )
-    layer = GatedDeltaNet(cfg)
-    mx.random.seed(0)
-    layer.update(tree_map(lambda p: 0.3 * mx.random.normal(p.shape), layer.parameters()))
-    B, L = 2, 3
-    x = mx.random.normal((B, L, cfg.hidden_size))
-    conv_state = mx.random.normal((B, 3, layer.conv_dim))
-    state = 0.1 * mx.random.normal((B, layer.num_v_heads, 32, 32))
-    cache = ArraysCache(size=2)
-    cache[0], cache[1] = conv_state, state
-    expect = layer(x, cache=cache)
-
-    q, k, v, z, b, a = layer._split_projections(layer.in_proj_qkvz(x), layer.in_proj_ba(x))
-    y, new_conv, new_state = km.gated_delta_decode(
-        mx.concatenate([q, k, v], axis=-1),
-        layer.conv1d.weight,
-        conv_state,
-        a,
-        b,
-        layer.A_log,
-        layer.dt_bias,
-        state,
-        num_k_heads=layer.num_k_heads,
-        head_k_dim=layer.head_k_dim,
-        head_v_dim=layer.head_v_dim,
-        kernel_factory=ms.metal_kernel,
-    )
-    got = layer.out_proj(layer.norm(y.astype(x.dtype), z).reshape(B, L, -1))
-    assert _rel(got, expect) < 2e-6
-    assert mx.array_equal(new_conv, cache[0]).item()
-    assert _rel(new_state, cache[1]) < 2e-6
-
-
 def test_decode_kernel_zero_initial_states_and_order_independence():
     args, kw = _decode_problem(1, 2, 1, 2, 32, 32, mx.float32, seed=2, zero_state=True)
     ref = km.gated_delta_decode_reference(*args, **kw)
@@ -521,68 +448,38 @@ def test_decode_kernel_zero_initial_states_and_order_independence():
         got = km.gated_delta_decode(*args, kernel_factory=factory, **kw)
         for o, r in zip(got, ref):
             assert _rel(o, r) < 2e-6
-        kreg.forget_kernel_decisions()
+        kreg.forget_kernel_objects()
 
 
 def test_gated_delta_decode_dispatch():
     args, kw = _decode_problem(1, 2, 1, 2, 32, 32, mx.float32, seed=4)
     ref = km.gated_delta_decode_reference(*args, **kw)
-    # Linux: no Metal -> the reference path, status says so.
+    # Linux: no Metal -> the reference path, bit for bit; nothing decided.
     out = km.gated_delta_decode(*args, **kw)
     for o, r in zip(out, ref):
         assert mx.array_equal(o, r).item()
-    assert kreg.kernel_status()["gdn_decode"]["status"] == "no-metal"
-    assert kreg.kernel_status()["gdn_prefill"]["status"] == "no-metal"
-    # Longer than the decode kernel takes: reference even with a factory.
-    long_args, kw2 = _decode_problem(1, km.MAX_DECODE_T + 1, 1, 1, 32, 32, mx.float32)
-    calls = []
-    out = km.gated_delta_decode(*long_args, kernel_factory=lambda **k: calls.append(k), **kw2)
-    assert not calls and out[0].shape == (1, km.MAX_DECODE_T + 1, 1, 32)
+    st = candidates.status()
+    assert not st["gdn_decode"]["available"] and not st["gdn_decode"]["decisions"]
+    # With a factory: our candidate for the length, the decode kernel up to MAX_DECODE_T
+    # tokens, beyond it the chunked prefill kernel (after the MLX conv and norms).
+    built = []
 
+    def recording(**k):
+        built.append(k["name"])
+        return ms.metal_kernel(**k)
 
-def test_first_use_verification_and_fallback(caplog):
-    args, kw = _decode_problem(1, 2, 1, 2, 32, 32, mx.float32, seed=5)
-    ref = km.gated_delta_decode_reference(*args, **kw)
-
-    def broken_factory(**k):
-        kernel = ms.metal_kernel(**k)
-
-        def call(**c):
-            y, *rest = kernel(**c)
-            return [y + 1.0, *rest]
-
-        return call
-
-    kreg.forget_kernel_decisions()
+    kreg.forget_kernel_objects()
     try:
-        # A "Mac" whose Metal kernel is right: verified once, then used.
-        with (
-            mock.patch.object(kreg, "metal_available", return_value=True),
-            mock.patch.object(mx.fast, "metal_kernel", ms.metal_kernel),
-        ):
-            assert kreg.kernel_status()["gdn_decode"]["status"] == "unverified"
-            out = km.gated_delta_decode(*args, **kw)
-            st = kreg.kernel_status()["gdn_decode"]
-            assert st["status"] == "ok" and st["max_error"] < 1e-5
-            assert kreg.kernel_status()["gdn_prefill"]["status"] == "unverified"
-            # what `python -m qnext_mlx.doctor` would call: verifies the rest
-            assert kreg.kernel_status(verify=True)["gdn_prefill"]["status"] == "ok"
-        for o, r in zip(out, ref):
-            assert _rel(o, r) < 2e-6
-        # A "Mac" whose kernel is wrong: warning, reference results, status "fallback".
-        kreg.forget_kernel_decisions()
-        with (
-            mock.patch.object(kreg, "metal_available", return_value=True),
-            mock.patch.object(mx.fast, "metal_kernel", broken_factory),
-            caplog.at_level(logging.WARNING, logger=kreg.__name__),
-        ):
-            out = km.gated_delta_decode(*args, **kw)
-            assert kreg.kernel_status()["gdn_decode"]["status"] == "fallback"
-        assert "disagrees with the reference" in caplog.text
-        for o, r in zip(out, ref):
-            assert mx.array_equal(o, r).item()
+        got = km.gated_delta_decode(*args, kernel_factory=recording, **kw)
+        long_args, kw2 = _decode_problem(1, km.MAX_DECODE_T + 5, 1, 1, 32, 32, mx.float32)
+        got_long = km.gated_delta_decode(*long_args, kernel_factory=recording, **kw2)
     finally:
-        kreg.forget_kernel_decisions()
+        kreg.forget_kernel_objects()
+    assert built == ["qnext_gdn_decode", "qnext_gdn_prefill"]
+    for o, r in zip(got, ref):
+        assert _rel(o, r) < 2e-6
+    for o, r in zip(got_long, km.gated_delta_decode_reference(*long_args, **kw2)):
+        assert _rel(o, r) < 2e-6
 
 
 def test_kernel_sources_ship_with_the_package():
@@ -629,16 +526,11 @@ def test_prefill_kernel_matches_recurrent_reference(B, T, Hk, Hv, Dk, Dv, g_low)
     assert _rel(y, ref_y) < 2e-6 and _rel(state, ref_state) < 2e-6
 
 
-def test_prefill_kernel_bf16_values_and_dispatch():
+def test_prefill_kernel_bf16_values():
     from qnext_mlx.kernels import gated_delta_recurrent
 
     args = _prefill_problem(1, 20, 1, 2, 64, 16, mx.bfloat16, seed=1)
     ref_y, ref_state = gated_delta_recurrent(*args)
-    y, state = km.gated_delta_prefill(*args, kernel_factory=ms.metal_kernel)
+    y, state = km.run_gdn_prefill_kernel(ms.metal_kernel, *args)
     assert y.dtype == mx.bfloat16 and state.dtype == mx.float32
     assert _rel(y, ref_y) < 8e-3 and _rel(state, ref_state) < 2e-6
-    # No Metal: the reference, y in v's dtype.
-    y2, state2 = km.gated_delta_prefill(*args)
-    assert mx.array_equal(y2, ref_y.astype(mx.bfloat16)).item() and mx.array_equal(state2, ref_state).item()
-    ok, err, detail = kreg.verify_kernel("gdn_prefill", ms.metal_kernel)
-    assert ok and err < 1e-5, detail

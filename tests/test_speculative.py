@@ -22,13 +22,14 @@ from mlx_lm.sample_utils import make_sampler
 
 import qnext_mlx
 from qnext_mlx.checkpoint.paths import DEMO_MODEL_DIR
-from qnext_mlx.engine import speculative
+from qnext_mlx.engine import mtp_trial, speculative
 from qnext_mlx.engine.decode import generate_tokens
 from qnext_mlx.engine.primitives import prefill
 from qnext_mlx.engine.sampling import make_logits_processors, sampling_distribution
 from qnext_mlx.engine.speculative import MTPDecoding, accept_drafts, rollback, verify_forward
 from qnext_mlx.engine.stream import stream_generate
 from qnext_mlx.engine.text import format_prompt
+from qnext_mlx.kernels import candidates
 
 # qnext_mlx.generate is the Python API's function (as in mlx-lm); the command's module is reached by name.
 gen_cli = importlib.import_module("qnext_mlx.generate")
@@ -446,10 +447,44 @@ def chat(chat_model_dir):
 
 def test_default_rule(chat, hf_checkpoint):
     model, _ = chat
+    assert speculative.MTP_BY_DEFAULT == {"gpu": None, "cpu": False}  # GPU: the timed trial decides
     assert speculative.mtp_default(model, mx.cpu) is False  # measured slower on the CPU backend
-    assert speculative.mtp_default(model, mx.Device(mx.gpu)) is True
+    # Asked about a GPU while MLX's default device is the CPU: off, and nothing is measured.
+    assert speculative.mtp_default(model, mx.Device(mx.gpu)) is False
+    assert not [d for d in candidates.decisions() if d.op == "mtp_default"]
     no_head = qnext_mlx.load_model(hf_checkpoint("spec_nomtp", seed=1, mtp=False, vocab_size=320)[0])
     assert speculative.mtp_default(no_head, mx.Device(mx.gpu)) is False
+
+
+@pytest.mark.parametrize("faster", ["mtp", "off"])
+def test_gpu_default_by_a_timed_trial_cached_on_disk(chat, tmp_path, monkeypatch, faster):
+    model, _ = chat
+    monkeypatch.setenv(candidates.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(candidates, "gpu_available", lambda: True)
+    candidates.forget()
+    calls = []
+
+    def timer(fn, name):  # runs the candidate, reports it faster or slower
+        mx.eval(fn())
+        calls.append(name)
+        return 1.0 if name == faster else 2.0
+
+    try:
+        with candidates.using_timer(timer):
+            assert speculative.mtp_default(model, mx.Device(mx.gpu)) is (faster == "mtp")
+            assert speculative.mtp_default(model, mx.Device(mx.gpu)) is (faster == "mtp")
+        assert sorted(calls) == ["mtp", "off"]  # both paths ran (and were timed) once
+        (d,) = [d for d in candidates.decisions() if d.op == "mtp_default"]
+        assert d.choice == faster and "vocab=320" in d.config and "K=2" in d.config
+        # A later process reads the decision from disk instead of measuring.
+        candidates.forget()
+        with candidates.using_timer(lambda fn, name: pytest.fail("measured again")):
+            assert speculative.mtp_default(model, mx.Device(mx.gpu)) is (faster == "mtp")
+        # The trial runs the real decode loop: plain and MTP greedy agree token for token.
+        trial = mtp_trial.MTP_TRIAL
+        assert mx.array_equal(trial.candidate("mtp").run(None, model), trial.candidate("off").run(None, model)).item()
+    finally:
+        candidates.forget()
 
 
 def test_stream_generate_mtp_and_stats(chat, monkeypatch):

@@ -1,503 +1,72 @@
-// metal_shim.h: run Metal kernel BODIES (mx.fast.metal_kernel style) on the CPU.
+// metal_shim.h: the Metal subset kernel bodies (mx.fast.metal_kernel style) may use,
+// implemented for the CPU.
 //
 // The Python side (metal_shim.py) wraps a kernel body in the signature MLX
-// would generate, places it inside `namespace metal` after this header, and
-// compiles it with g++ into a shared library. Every GPU thread of a
-// threadgroup runs as a cooperative fiber on one OS thread; fibers switch only
-// at synchronisation points (threadgroup_barrier, simdgroup_barrier, simd_*
-// and quad_* collectives, simdgroup matrix ops), so:
-//   - `threadgroup` variables are shared by the threadgroup's threads,
-//   - barriers and SIMD collectives block until every live thread / lane of
-//     the group arrives, exactly as on the GPU,
-//   - divergent collectives (lanes waiting at different barriers or calling
-//     different collectives) are reported as errors instead of hanging.
-// Threadgroups run one after another. The supported Metal subset is listed in
-// metal/README.md; keep kernels inside it.
+// would generate, places it after this header and compiles it with clang as
+// C++ for OpenCL, whose address spaces and restrictions are close to MSL's:
+//   device -> __global, threadgroup -> __local, constant -> __constant,
+//   thread -> __private (what unqualified variables are).
+// Mixing them (a threadgroup array assigned to a device pointer, a constant
+// pointer passed where a device one is expected) fails to compile as in MSL;
+// casts between them too. metal_shim.py adds what that language mode accepts
+// but MSL does not: pointers and references without an address space, double,
+// virtual functions, new, goto (see metal/README.md, "What the shim rejects").
+// Exceptions, RTTI, default new/delete, thread_local and non-constant program
+// scope variables are rejected by the language mode itself. Nothing of libc or
+// the C++ standard library is visible (-nostdinc, no std::): kernels see only
+// the metal:: names below.
 //
+// The threads run on the fiber runtime (metal_shim_runtime.cpp, ordinary C++,
+// linked into the same library), reached through metal_shim_runtime.h.
 // Everything the kernel can see lives in `namespace metal` (the kernel itself
 // is compiled inside that namespace), so unqualified calls such as exp(x) or
-// abs(i) resolve to the Metal versions below and never to libc's.
+// abs(i) resolve to the Metal versions below.
 
 #pragma once
 
-// Fibers switch with a few lines of assembly on x86-64 ELF (Linux); elsewhere
-// (or with -DMTLSHIM_USE_UCONTEXT) with the slower POSIX ucontext calls.
-#if !(defined(__x86_64__) && defined(__ELF__) && !defined(MTLSHIM_USE_UCONTEXT))
-#define MTLSHIM_UCONTEXT 1
-#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
-#define _XOPEN_SOURCE 600
-#endif
-#endif
+#include "metal_shim_runtime.h"
 
-#include <cstddef>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <type_traits>
-
-#ifdef MTLSHIM_UCONTEXT
-#include <ucontext.h>
-#endif
-
-// ---------------------------------------------------------------------------
-// Fiber runtime
-// ---------------------------------------------------------------------------
 namespace metal_shim {
-
-struct Fiber;
-struct SimdGroup;
-struct Group;
-
-// Per-thread attribute values (the [[...]] kernel arguments).
-struct Attrs {
-  unsigned tpg[3];       // thread_position_in_grid
-  unsigned tptg[3];      // thread_position_in_threadgroup
-  unsigned tgpig[3];     // threadgroup_position_in_grid
-  unsigned tptg_n[3];    // threads_per_threadgroup (actual size of this group)
-  unsigned dtptg[3];     // dispatch_threads_per_threadgroup
-  unsigned tgpg[3];      // threadgroups_per_grid
-  unsigned tpgrid[3];    // threads_per_grid
-  unsigned index_in_tg;  // thread_index_in_threadgroup
-  unsigned lane;         // thread_index_in_simdgroup
-  unsigned sg_index;     // simdgroup_index_in_threadgroup
-  unsigned sg_count;     // simdgroups_per_threadgroup
-  unsigned dsg_count;    // dispatch_simdgroups_per_threadgroup
-};
-
-// Lane exchange area of one simdgroup. Two generations alternate so a lane
-// that already moved on to the next collective cannot overwrite values that
-// slower lanes of the previous one still read.
-constexpr int kSlotBytes = 64;     // largest value one lane may exchange
-constexpr int kResultBytes = 512;  // uniform results (one per quad for quad_*)
-struct SimdGroup;
-typedef void (*FinishFn)(SimdGroup&, int parity);
-struct SimdGroup {
-  int nlanes = 0;        // lanes in this simdgroup (< 32 in a partial last group)
-  int alive = 0;         // lanes that have not returned
-  int arrived = 0;       // lanes waiting at the current collective
-  unsigned gen = 0;      // completed collectives
-  const char* tag = nullptr;  // which collective the arrived lanes called
-  FinishFn finish = nullptr;  // computes the uniform result once all lanes arrived
-  int width = 32;             // reduction width of the pending collective
-  unsigned mask[2] = {0, 0};  // lanes that took part, per generation parity
-  alignas(64) unsigned char slot[2][32][kSlotBytes];
-  alignas(64) unsigned char result[2][kResultBytes];
-};
-
-// Completes the pending collective of `s` (all live lanes have arrived).
-inline void complete(SimdGroup& s) {
-  int p = s.gen & 1;
-  if (s.finish) s.finish(s, p);
-  s.arrived = 0;
-  s.gen++;
+// Kernel-side spellings of the runtime's entry points.
+inline int simd_collective(const MTLSHIM_CSTR* tag, const void* value, unsigned long bytes, FinishFn finish,
+                           int width = 32) {
+  return mtlshim_simd_collective(tag, value, bytes, finish, width);
 }
-
-struct Group {
-  int nthreads = 0;
-  int alive = 0;
-  int arrived = 0;
-  unsigned gen = 0;
-  SimdGroup* sg = nullptr;
-  int nsg = 0;
-};
-
-struct Fiber {
-  void* sp = nullptr;
-  char* stack_lo = nullptr;
-  bool done = false;
-  bool started = false;
-  Attrs a;
-#ifdef MTLSHIM_UCONTEXT
-  ucontext_t uc;
-#endif
-};
-
-struct Runtime {
-  Group group;
-  Fiber* fibers = nullptr;
-  int nfibers_cap = 0;
-  char* stacks = nullptr;
-  size_t stack_bytes = 0;
-  Fiber* cur = nullptr;
-  void* sched_sp = nullptr;
-#ifdef MTLSHIM_UCONTEXT
-  ucontext_t sched_uc;
-#endif
-  unsigned long long events = 0;  // progress counter for deadlock detection
-  bool failed = false;
-  char err[1024] = {0};
-  void (*body)(const Attrs&, void*) = nullptr;
-  void* body_ctx = nullptr;
-};
-
-inline Runtime*& rt() {
-  static thread_local Runtime* r = nullptr;
-  return r;
-}
-
-inline void fail(const char* msg) {
-  Runtime* r = rt();
-  if (!r->failed) {
-    r->failed = true;
-    const Attrs& a = r->cur->a;
-    snprintf(r->err, sizeof(r->err),
-             "%s (thread_position_in_grid=(%u,%u,%u), threadgroup_position_in_grid=(%u,%u,%u))",
-             msg, a.tpg[0], a.tpg[1], a.tpg[2], a.tgpig[0], a.tgpig[1], a.tgpig[2]);
-  }
-}
-
-#ifndef MTLSHIM_UCONTEXT
-// Minimal x86-64 SysV context switch: save callee-saved registers plus the
-// SSE/x87 control words on the current stack, store the stack pointer in
-// *save, load `load` and restore from there.
-extern "C" void mtlshim_swap(void** save, void* load);
-extern "C" void mtlshim_fiber_entry();
-asm(R"(
-.text
-.p2align 4
-.hidden mtlshim_swap
-.globl mtlshim_swap
-.type mtlshim_swap,@function
-mtlshim_swap:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-.size mtlshim_swap,.-mtlshim_swap
-.p2align 4
-.hidden mtlshim_fiber_entry
-.globl mtlshim_fiber_entry
-.type mtlshim_fiber_entry,@function
-mtlshim_fiber_entry:
-  movq %r12, %rdi
-  call mtlshim_fiber_main
-  ud2
-.size mtlshim_fiber_entry,.-mtlshim_fiber_entry
-)");
-#endif
-
-// Runs one GPU thread; never returns (switches back to the scheduler).
-extern "C" __attribute__((used, visibility("hidden"))) void mtlshim_fiber_main(Fiber* f);
-
-inline void switch_to_scheduler() {
-  Runtime* r = rt();
-  Fiber* f = r->cur;
-#ifdef MTLSHIM_UCONTEXT
-  swapcontext(&f->uc, &r->sched_uc);
-#else
-  mtlshim_swap(&f->sp, r->sched_sp);
-#endif
-}
-
-// Called by a fiber waiting for other threads; after an error the threadgroup
-// is abandoned, so waiting fibers are never resumed.
-inline void yield() { switch_to_scheduler(); }
-
-inline SimdGroup& my_simdgroup() {
-  Runtime* r = rt();
-  return r->group.sg[r->cur->a.sg_index];
-}
-
-// A lane leaves its simdgroup/threadgroup (returned from the kernel): the
-// collectives and barriers it will never reach complete without it.
-inline void thread_exit() {
-  Runtime* r = rt();
-  Group& g = r->group;
-  SimdGroup& s = my_simdgroup();
-  s.alive--;
-  if (s.arrived > 0 && s.arrived == s.alive) complete(s);
-  g.alive--;
-  if (g.arrived > 0 && g.arrived == g.alive) {
-    g.arrived = 0;
-    g.gen++;
-  }
-  r->events++;
-}
-
-extern "C" __attribute__((used, visibility("hidden"))) inline void mtlshim_fiber_main(Fiber* f) {
-  Runtime* r = rt();
-  r->body(f->a, r->body_ctx);
-  f->done = true;
-  thread_exit();
-  switch_to_scheduler();
-  __builtin_trap();
-}
-
-#ifdef MTLSHIM_UCONTEXT
-inline void ucontext_entry() { mtlshim_fiber_main(rt()->cur); }
-#endif
-
-inline void threadgroup_barrier_impl() {
-  Runtime* r = rt();
-  Group& g = r->group;
-  unsigned gen = g.gen;
-  g.arrived++;
-  r->events++;
-  if (g.arrived == g.alive) {
-    g.arrived = 0;
-    g.gen++;
-    return;
-  }
-  while (g.gen == gen) {
-    yield();
-  }
-}
-
-// Collective over the lanes of the calling thread's simdgroup. Each lane
-// stores `bytes` bytes of `value` in its slot; when the last live lane
-// arrives (or the last missing one returns), `finish` runs once to fill the
-// uniform result, and every lane then reads that generation's slots/result.
-// Returns the generation parity to read from.
-inline int simd_collective(const char* tag, const void* value, size_t bytes, FinishFn finish, int width = 32) {
-  Runtime* r = rt();
-  SimdGroup& s = my_simdgroup();
-  unsigned lane = r->cur->a.lane;
-  unsigned gen = s.gen;
-  int p = gen & 1;
-  if (bytes > (size_t)kSlotBytes) {
-    fail("metal shim: value too large for a simd collective");
-    while (true) yield();
-  }
-  if (s.arrived == 0) {
-    s.tag = tag;
-    s.finish = finish;
-    s.width = width;
-    s.mask[p] = 0;
-  } else if (s.tag != tag && std::strcmp(s.tag, tag) != 0) {
-    static thread_local char msg[256];
-    snprintf(msg, sizeof(msg),
-             "metal shim: divergent simdgroup collectives: lanes wait in %s and %s (lane %u)",
-             s.tag, tag, lane);
-    fail(msg);
-    while (true) yield();
-  }
-  if (bytes) std::memcpy(s.slot[p][lane], value, bytes);
-  s.mask[p] |= 1u << lane;
-  s.arrived++;
-  r->events++;
-  if (s.arrived == s.alive) {
-    complete(s);
-    return p;
-  }
-  while (s.gen == gen) {
-    yield();
-  }
-  return p;
-}
-
-// Executes the whole grid. Returns 0 on success, 1 on error (message in err).
-// order: 0 = threads of a group start in index order, 1 = reverse order,
-// other values = a pseudo-random order seeded by `order` (to expose kernels
-// that read threadgroup memory written by other threads without a barrier).
-inline int launch(const unsigned grid[3], const unsigned tg_in[3], size_t stack_bytes, unsigned order,
-                  void (*body)(const Attrs&, void*), void* body_ctx, char* err, int errlen) {
-  Runtime R;
-  Runtime*& slot = rt();
-  Runtime* prev = slot;
-  slot = &R;
-  R.body = body;
-  R.body_ctx = body_ctx;
-  unsigned tg[3], ntg[3];
-  for (int d = 0; d < 3; d++) {
-    if (grid[d] == 0 || tg_in[d] == 0) {
-      snprintf(err, errlen, "metal shim: grid and threadgroup sizes must be positive");
-      slot = prev;
-      return 1;
-    }
-    tg[d] = tg_in[d] < grid[d] ? tg_in[d] : grid[d];  // as MLX: min(threadgroup, grid)
-    ntg[d] = (grid[d] + tg[d] - 1) / tg[d];
-  }
-  unsigned tg_total = tg[0] * tg[1] * tg[2];
-  if (tg_total > 1024) {
-    snprintf(err, errlen, "metal shim: threadgroup of %u threads exceeds the 1024 allowed by Metal", tg_total);
-    slot = prev;
-    return 1;
-  }
-  stack_bytes = (stack_bytes + 4095) & ~(size_t)4095;
-  R.stack_bytes = stack_bytes;
-  R.fibers = new Fiber[tg_total];
-  R.stacks = (char*)std::malloc(stack_bytes * tg_total);
-  int max_sg = (tg_total + 31) / 32;
-  SimdGroup* sgs = new SimdGroup[max_sg];
-  unsigned* perm = new unsigned[tg_total];
-  unsigned long long rng = 0x9E3779B97F4A7C15ull * (order | 1);
-  int rc = 0;
-  if (!R.stacks) {
-    snprintf(err, errlen, "metal shim: cannot allocate %zu bytes of fiber stacks", stack_bytes * tg_total);
-    rc = 1;
-  }
-  const unsigned kCanary = 0xC0FFEE11u;
-
-  for (unsigned gz = 0; gz < ntg[2] && !rc; gz++)
-    for (unsigned gy = 0; gy < ntg[1] && !rc; gy++)
-      for (unsigned gx = 0; gx < ntg[0] && !rc; gx++) {
-        unsigned gpos[3] = {gx, gy, gz};
-        unsigned n[3];
-        for (int d = 0; d < 3; d++) {
-          unsigned start = gpos[d] * tg[d];
-          n[d] = grid[d] - start < tg[d] ? grid[d] - start : tg[d];  // non-uniform edge groups
-        }
-        unsigned nthreads = n[0] * n[1] * n[2];
-        int nsg = (nthreads + 31) / 32;
-        Group& G = R.group;
-        G.nthreads = nthreads;
-        G.alive = nthreads;
-        G.arrived = 0;
-        G.gen = 0;
-        G.sg = sgs;
-        G.nsg = nsg;
-        for (int s = 0; s < nsg; s++) {
-          SimdGroup& S = sgs[s];
-          S.nlanes = (s == nsg - 1) ? (int)(nthreads - 32 * s) : 32;
-          S.alive = S.nlanes;
-          S.arrived = 0;
-          S.gen = 0;
-          S.tag = nullptr;
-          S.mask[0] = S.mask[1] = 0;
-        }
-        for (unsigned i = 0; i < nthreads; i++) {
-          Fiber& f = R.fibers[i];
-          f.done = false;
-          f.started = false;
-          unsigned lx = i % n[0], ly = (i / n[0]) % n[1], lz = i / (n[0] * n[1]);
-          Attrs& a = f.a;
-          unsigned l[3] = {lx, ly, lz};
-          for (int d = 0; d < 3; d++) {
-            a.tptg[d] = l[d];
-            a.tgpig[d] = gpos[d];
-            a.tpg[d] = gpos[d] * tg[d] + l[d];
-            a.tptg_n[d] = n[d];
-            a.dtptg[d] = tg[d];
-            a.tgpg[d] = ntg[d];
-            a.tpgrid[d] = grid[d];
-          }
-          a.index_in_tg = i;
-          a.lane = i % 32;
-          a.sg_index = i / 32;
-          a.sg_count = nsg;
-          a.dsg_count = (tg_total + 31) / 32;
-          f.stack_lo = R.stacks + (size_t)i * stack_bytes;
-          std::memcpy(f.stack_lo, &kCanary, sizeof(kCanary));
-          char* top = f.stack_lo + stack_bytes;  // 4096-aligned
-#ifdef MTLSHIM_UCONTEXT
-          getcontext(&f.uc);
-          f.uc.uc_stack.ss_sp = f.stack_lo;
-          f.uc.uc_stack.ss_size = stack_bytes;
-          f.uc.uc_link = nullptr;
-          makecontext(&f.uc, (void (*)())ucontext_entry, 0);
-#else
-          // Initial frame popped by mtlshim_swap: control words, r15..r12, rbx,
-          // rbp, then the return address (the entry stub). r12 holds the fiber.
-          uint64_t* sp = (uint64_t*)top;
-          *--sp = (uint64_t)(void*)&mtlshim_fiber_entry;  // return address, at top-8
-          *--sp = 0;                  // rbp
-          *--sp = 0;                  // rbx
-          *--sp = (uint64_t)&f;       // r12
-          *--sp = 0;                  // r13
-          *--sp = 0;                  // r14
-          *--sp = 0;                  // r15
-          uint32_t mxcsr;
-          uint16_t fcw;
-          asm volatile("stmxcsr %0" : "=m"(mxcsr));
-          asm volatile("fnstcw %0" : "=m"(fcw));
-          uint64_t cw = (uint64_t)mxcsr | ((uint64_t)fcw << 32);
-          *--sp = cw;
-          f.sp = sp;
-#endif
-        }
-        // Order in which fibers are visited each round.
-        for (unsigned i = 0; i < nthreads; i++) perm[i] = (order == 1) ? nthreads - 1 - i : i;
-        if (order > 1) {
-          for (unsigned i = nthreads - 1; i > 0; i--) {
-            rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-            unsigned j = (unsigned)(rng % (i + 1));
-            unsigned t = perm[i]; perm[i] = perm[j]; perm[j] = t;
-          }
-        }
-        // Round-robin until every thread of the group has returned.
-        while (G.alive > 0 && !R.failed) {
-          unsigned long long before = R.events;
-          for (unsigned k = 0; k < nthreads && !R.failed; k++) {
-            Fiber& f = R.fibers[perm[k]];
-            if (f.done) continue;
-            R.cur = &f;
-            f.started = true;
-#ifdef MTLSHIM_UCONTEXT
-            swapcontext(&R.sched_uc, &f.uc);
-#else
-            mtlshim_swap(&R.sched_sp, f.sp);
-#endif
-          }
-          if (!R.failed && R.events == before && G.alive > 0) {
-            snprintf(R.err, sizeof(R.err),
-                     "metal shim: deadlock in threadgroup (%u,%u,%u): threads wait at different "
-                     "barriers/collectives (a barrier or simd op in divergent control flow?)",
-                     gx, gy, gz);
-            R.failed = true;
-          }
-        }
-        for (unsigned i = 0; i < nthreads && !R.failed; i++) {
-          unsigned c;
-          std::memcpy(&c, R.fibers[i].stack_lo, sizeof(c));
-          if (c != kCanary) {
-            snprintf(R.err, sizeof(R.err),
-                     "metal shim: a thread overflowed its %zu-byte stack; pass a larger stack_kb", stack_bytes);
-            R.failed = true;
-          }
-        }
-        if (R.failed) {
-          snprintf(err, errlen, "%s", R.err);
-          rc = 1;
-        }
-      }
-  delete[] perm;
-  delete[] sgs;
-  std::free(R.stacks);
-  delete[] R.fibers;
-  slot = prev;
-  return rc;
-}
-
+inline SimdGroup& my_simdgroup() { return *mtlshim_simdgroup(); }
+inline unsigned lane() { return mtlshim_lane(); }
+inline void fail(const MTLSHIM_CSTR* msg) { mtlshim_fail(msg); }
 }  // namespace metal_shim
 
 // ---------------------------------------------------------------------------
-// Address-space qualifiers and attributes: no-ops on the CPU. `threadgroup`
-// declarations (`threadgroup float buf[N];`) are rewritten by the code
-// generator into MTLSHIM_THREADGROUP declarations (one instance shared by all
-// fibers; threadgroups run one at a time); `threadgroup` in pointer types
-// simply disappears.
+// Address spaces. `threadgroup` declarations in the kernel body
+// (`threadgroup float buf[N];`) are rewritten by the code generator into
+// references to a block of the runtime's threadgroup memory (one per
+// declaration, shared by the threadgroup's threads).
 // ---------------------------------------------------------------------------
-#define device
-#define constant
-#define thread
-#define threadgroup
-#define ray_data
-#define object_data
-#define MTLSHIM_THREADGROUP static thread_local
+#define device __global
+#define constant __constant
+#define thread __private
+#define threadgroup __local
+#define MTLSHIM_TG_DECL(SITE, TYPE, NAME, DIMS) \
+  threadgroup TYPE(&NAME) DIMS =               \
+      *(threadgroup TYPE(*) DIMS)(__SIZE_TYPE__)mtlshim_threadgroup_memory(SITE, sizeof(TYPE DIMS))
 #define METAL_FUNC inline
-#define METAL_CONST static constexpr const
-#define MLX_MTL_CONST static constexpr const
-#define MLX_MTL_PRAGMA_UNROLL
-#define STEEL_CONST static constexpr const
-#define STEEL_PRAGMA_UNROLL
+#define METAL_CONST static constant constexpr const
+#define MLX_MTL_CONST static constant constexpr const
+#define MLX_MTL_PRAGMA_UNROLL _Pragma("clang loop unroll(full)")
+#define STEEL_CONST static constant constexpr const
+#define STEEL_PRAGMA_UNROLL _Pragma("clang loop unroll(full)")
+
+// Words that are keywords in C++ for OpenCL but ordinary names in MSL.
+#define half mtlshim_half
+#define global mtlshim_global
+#define local mtlshim_local
+#define private mtlshim_private
+#define generic mtlshim_generic
+#define pipe mtlshim_pipe
+#define read_only mtlshim_read_only
+#define write_only mtlshim_write_only
+#define read_write mtlshim_read_write
 
 namespace metal {
 
@@ -505,15 +74,78 @@ typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef unsigned char uchar;
 typedef unsigned long ulong;
-using ::int8_t;
-using ::int16_t;
-using ::int32_t;
-using ::int64_t;
-using ::uint8_t;
-using ::uint16_t;
-using ::uint32_t;
-using ::uint64_t;
-using ::size_t;
+typedef __INT8_TYPE__ int8_t;
+typedef __INT16_TYPE__ int16_t;
+typedef __INT32_TYPE__ int32_t;
+typedef __INT64_TYPE__ int64_t;
+typedef __UINT8_TYPE__ uint8_t;
+typedef __UINT16_TYPE__ uint16_t;
+typedef __UINT32_TYPE__ uint32_t;
+typedef __UINT64_TYPE__ uint64_t;
+typedef __SIZE_TYPE__ size_t;
+typedef __PTRDIFF_TYPE__ ptrdiff_t;
+
+// The type traits MSL's <metal_type_traits> provides (the subset the shim and
+// kernels use); there is no std:: in Metal code.
+template <class T, T v>
+struct integral_constant {
+  static constexpr constant T value = v;
+  constexpr operator T() const { return v; }
+};
+template <bool B>
+using bool_constant = integral_constant<bool, B>;
+typedef integral_constant<bool, true> true_type;
+typedef integral_constant<bool, false> false_type;
+template <bool B, class T = void>
+struct enable_if {};
+template <class T>
+struct enable_if<true, T> { typedef T type; };
+template <bool B, class T = void>
+using enable_if_t = typename enable_if<B, T>::type;
+template <bool B, class T, class F>
+struct conditional { typedef T type; };
+template <class T, class F>
+struct conditional<false, T, F> { typedef F type; };
+template <bool B, class T, class F>
+using conditional_t = typename conditional<B, T, F>::type;
+template <class T, class U>
+struct is_same : false_type {};
+template <class T>
+struct is_same<T, T> : true_type {};
+template <class T>
+struct remove_cv { typedef T type; };
+template <class T>
+struct remove_cv<const T> { typedef T type; };
+template <class T>
+struct remove_cv<volatile T> { typedef T type; };
+template <class T>
+struct remove_cv<const volatile T> { typedef T type; };
+template <class T>
+using remove_cv_t = typename remove_cv<T>::type;
+template <class T>
+struct is_integral : integral_constant<bool, __is_integral(T)> {};
+template <class T>
+struct is_floating_point : integral_constant<bool, __is_floating_point(T)> {};
+template <class T>
+struct is_class : integral_constant<bool, __is_class(T)> {};
+template <class T>
+struct is_arithmetic : integral_constant<bool, __is_arithmetic(T)> {};
+template <class T>
+struct is_signed : integral_constant<bool, __is_signed(T)> {};
+template <class T>
+struct is_unsigned : integral_constant<bool, __is_unsigned(T)> {};
+#define MTLSHIM_TRAIT_V(NAME) \
+  template <class T>          \
+  constexpr constant bool NAME##_v = NAME<T>::value;
+MTLSHIM_TRAIT_V(is_integral)
+MTLSHIM_TRAIT_V(is_floating_point)
+MTLSHIM_TRAIT_V(is_class)
+MTLSHIM_TRAIT_V(is_arithmetic)
+MTLSHIM_TRAIT_V(is_signed)
+MTLSHIM_TRAIT_V(is_unsigned)
+#undef MTLSHIM_TRAIT_V
+template <class T, class U>
+constexpr constant bool is_same_v = is_same<T, U>::value;
 
 // ---------------------------------------------------------------------------
 // half and bfloat: 16-bit storage, every operation computed in float and
@@ -521,8 +153,8 @@ using ::size_t;
 // + - * / and sqrt, since float carries more than 2p+2 bits).
 // ---------------------------------------------------------------------------
 namespace detail {
-inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t f2u(float f) { uint32_t u; __builtin_memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 
 inline uint16_t float_to_bf16(float f) {
   uint32_t u = f2u(f);
@@ -536,7 +168,7 @@ inline uint16_t float_to_f16(float f) {
 #if defined(__FLT16_MAX__)
   _Float16 h = (_Float16)f;
   uint16_t b;
-  std::memcpy(&b, &h, 2);
+  __builtin_memcpy(&b, &h, 2);
   return b;
 #else
   uint32_t x = f2u(f);
@@ -560,7 +192,7 @@ inline uint16_t float_to_f16(float f) {
 inline float f16_to_float(uint16_t b) {
 #if defined(__FLT16_MAX__)
   _Float16 h;
-  std::memcpy(&h, &b, 2);
+  __builtin_memcpy(&h, &b, 2);
   return (float)h;
 #else
   uint32_t sign = (uint32_t)(b & 0x8000u) << 16;
@@ -593,11 +225,17 @@ struct f16base {
   f16base() = default;
   f16base(float f) : bits(Tag::enc(f)) {}
   f16base(double f) : bits(Tag::enc((float)f)) {}
-  template <class I, typename std::enable_if<std::is_integral<I>::value, int>::type = 0>
+  template <class I, typename enable_if<is_integral<I>::value, int>::type = 0>
   f16base(I i) : bits(Tag::enc((float)i)) {}
-  template <class O, typename std::enable_if<!std::is_same<O, Tag>::value, int>::type = 0>
+  template <class O, typename enable_if<!is_same<O, Tag>::value, int>::type = 0>
   explicit f16base(f16base<O> o) : bits(Tag::enc((float)o)) {}
+  // Values in the constant address space (which does not convert to the generic one
+  // the other members take): copied and read as in MSL.
+  f16base(const f16base&) = default;
+  f16base& operator=(const f16base&) = default;
+  f16base(const constant f16base& o) : bits(o.bits) {}
   operator float() const { return Tag::dec(bits); }
+  operator float() const constant { return Tag::dec(bits); }
   f16base operator-() const { f16base r; r.bits = bits ^ 0x8000u; return r; }
   f16base operator+() const { return *this; }
 };
@@ -608,9 +246,9 @@ typedef half float16_t;
 typedef bfloat bfloat16_t;
 
 template <class T>
-struct is_f16 : std::false_type {};
+struct is_f16 : false_type {};
 template <class Tag>
-struct is_f16<f16base<Tag>> : std::true_type {};
+struct is_f16<f16base<Tag>> : true_type {};
 
 // Binary arithmetic: same 16-bit type -> that type; with float -> float; with
 // an integer -> the 16-bit type (as Metal's usual arithmetic conversions).
@@ -627,11 +265,11 @@ struct is_f16<f16base<Tag>> : std::true_type {};
   inline float operator OP(f16base<Tag> a, double b) { return (float)a OP(float) b; }           \
   template <class Tag>                                                                          \
   inline float operator OP(double a, f16base<Tag> b) { return (float)a OP(float) b; }           \
-  template <class Tag, class I, typename std::enable_if<std::is_integral<I>::value, int>::type = 0> \
+  template <class Tag, class I, typename enable_if<is_integral<I>::value, int>::type = 0> \
   inline f16base<Tag> operator OP(f16base<Tag> a, I b) {                                        \
     return f16base<Tag>((float)a OP(float) f16base<Tag>(b));                                    \
   }                                                                                             \
-  template <class Tag, class I, typename std::enable_if<std::is_integral<I>::value, int>::type = 0> \
+  template <class Tag, class I, typename enable_if<is_integral<I>::value, int>::type = 0> \
   inline f16base<Tag> operator OP(I a, f16base<Tag> b) {                                        \
     return f16base<Tag>((float)f16base<Tag>(a) OP(float) b);                                    \
   }
@@ -652,9 +290,9 @@ MTLSHIM_F16_BINOP(/)
   inline bool operator OP(f16base<Tag> a, double b) { return (float)a OP(float) b; }             \
   template <class Tag>                                                                           \
   inline bool operator OP(double a, f16base<Tag> b) { return (float)a OP(float) b; }             \
-  template <class Tag, class I, typename std::enable_if<std::is_integral<I>::value, int>::type = 0> \
+  template <class Tag, class I, typename enable_if<is_integral<I>::value, int>::type = 0> \
   inline bool operator OP(f16base<Tag> a, I b) { return (float)a OP(float) b; }                  \
-  template <class Tag, class I, typename std::enable_if<std::is_integral<I>::value, int>::type = 0> \
+  template <class Tag, class I, typename enable_if<is_integral<I>::value, int>::type = 0> \
   inline bool operator OP(I a, f16base<Tag> b) { return (float)a OP(float) b; }
 MTLSHIM_F16_CMP(<)
 MTLSHIM_F16_CMP(>)
@@ -692,7 +330,13 @@ struct vec;
 #define MTLSHIM_VEC_COMMON(N)                                                          \
   T& operator[](int i) { return (&x)[i]; }                                             \
   const T& operator[](int i) const { return (&x)[i]; }                                 \
-  template <class U, typename std::enable_if<!std::is_same<U, T>::value, int>::type = 0> \
+  const constant T& operator[](int i) const constant { return (&x)[i]; }               \
+  vec(const vec&) = default;                                                           \
+  vec& operator=(const vec&) = default;                                                \
+  vec(const constant vec& o) {                                                         \
+    for (int i = 0; i < N; i++) (*this)[i] = o[i];                                     \
+  }                                                                                    \
+  template <class U, typename enable_if<!is_same<U, T>::value, int>::type = 0> \
   explicit vec(const vec<U, N>& o) {                                                   \
     for (int i = 0; i < N; i++) (*this)[i] = static_cast<T>(o[i]);                     \
   }
@@ -735,13 +379,13 @@ struct vec<T, 4> {
     for (int i = 0; i < N; i++) r[i] = a[i] OP b[i];                                                   \
     return r;                                                                                          \
   }                                                                                                    \
-  template <class T, int N, class S, typename std::enable_if<!std::is_class<S>::value || is_f16<S>::value, int>::type = 0> \
+  template <class T, int N, class S, typename enable_if<!is_class<S>::value || is_f16<S>::value, int>::type = 0> \
   inline vec<T, N> operator OP(const vec<T, N>& a, S b) {                                              \
     vec<T, N> r;                                                                                       \
     for (int i = 0; i < N; i++) r[i] = a[i] OP static_cast<T>(b);                                      \
     return r;                                                                                          \
   }                                                                                                    \
-  template <class T, int N, class S, typename std::enable_if<!std::is_class<S>::value || is_f16<S>::value, int>::type = 0> \
+  template <class T, int N, class S, typename enable_if<!is_class<S>::value || is_f16<S>::value, int>::type = 0> \
   inline vec<T, N> operator OP(S a, const vec<T, N>& b) {                                              \
     vec<T, N> r;                                                                                       \
     for (int i = 0; i < N; i++) r[i] = static_cast<T>(a) OP b[i];                                      \
@@ -1016,7 +660,7 @@ template <class T, class U>
 inline T as_type(const U& u) {
   static_assert(sizeof(T) == sizeof(U), "as_type needs types of the same size");
   T t;
-  std::memcpy(&t, &u, sizeof(T));
+  __builtin_memcpy(&t, &u, sizeof(T));
   return t;
 }
 
@@ -1083,7 +727,7 @@ inline mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((unsig
 
 // Every flag combination is a full execution barrier of the threadgroup
 // (memory is always coherent: all fibers share one OS thread).
-inline void threadgroup_barrier(mem_flags) { metal_shim::threadgroup_barrier_impl(); }
+inline void threadgroup_barrier(mem_flags) { mtlshim_threadgroup_barrier(); }
 inline void simdgroup_barrier(mem_flags) {
   metal_shim::simd_collective("simdgroup_barrier", nullptr, 0, nullptr);
 }
@@ -1114,7 +758,7 @@ struct Xor { T operator()(T a, T b) const { return a ^ b; } };
 template <class T>
 inline T lane_value(unsigned char (*slots)[metal_shim::kSlotBytes], unsigned l) {
   T v;
-  std::memcpy(&v, slots[l], sizeof(T));
+  __builtin_memcpy(&v, slots[l], sizeof(T));
   return v;
 }
 
@@ -1123,7 +767,8 @@ inline T lane_value(unsigned char (*slots)[metal_shim::kSlotBytes], unsigned l) 
 // Lanes that returned are skipped (their partner's value passes through).
 // Writes one value per group into the generation's uniform result.
 template <class T, class Op>
-inline void butterfly_finish(metal_shim::SimdGroup& s, int p) {
+inline void butterfly_finish(metal_shim::SimdGroup* sp, int p) {
+  metal_shim::SimdGroup& s = *sp;
   unsigned width = (unsigned)s.width, mask = s.mask[p];
   T v[32];
   bool have[32];
@@ -1149,25 +794,25 @@ inline void butterfly_finish(metal_shim::SimdGroup& s, int p) {
   }
   for (unsigned g = 0; g < 32 / width; g++) {
     unsigned l = g * width;
-    if (have[l]) std::memcpy(s.result[p] + g * sizeof(T), &v[l], sizeof(T));
+    if (have[l]) __builtin_memcpy(s.result[p] + g * sizeof(T), &v[l], sizeof(T));
   }
 }
 
-inline unsigned my_lane() { return metal_shim::rt()->cur->a.lane; }
+inline unsigned my_lane() { return metal_shim::lane(); }
 
 template <class T, class Op>
-inline T reduce(const char* tag, T x, unsigned width) {
+inline T reduce(const MTLSHIM_CSTR* tag, T x, unsigned width) {
   static_assert(sizeof(T) <= (size_t)metal_shim::kSlotBytes, "type too large for a simd reduction");
   static_assert(sizeof(T) * 8 <= (size_t)metal_shim::kResultBytes, "type too large for a quad reduction");
   int p = metal_shim::simd_collective(tag, &x, sizeof(T), &butterfly_finish<T, Op>, (int)width);
   T r;
-  std::memcpy(&r, metal_shim::my_simdgroup().result[p] + (my_lane() / width) * sizeof(T), sizeof(T));
+  __builtin_memcpy(&r, metal_shim::my_simdgroup().result[p] + (my_lane() / width) * sizeof(T), sizeof(T));
   return r;
 }
 
 // Reads lane `src` of the exchange (own value when src is not a live lane).
 template <class T>
-inline T shuffle(const char* tag, T x, int src) {
+inline T shuffle(const MTLSHIM_CSTR* tag, T x, int src) {
   int p = metal_shim::simd_collective(tag, &x, sizeof(T), nullptr);
   metal_shim::SimdGroup& s = metal_shim::my_simdgroup();
   if (src < 0 || src >= 32 || !((s.mask[p] >> src) & 1u)) return x;
@@ -1175,7 +820,7 @@ inline T shuffle(const char* tag, T x, int src) {
 }
 
 template <class T>
-inline T prefix(const char* tag, T x, bool inclusive, bool product) {
+inline T prefix(const MTLSHIM_CSTR* tag, T x, bool inclusive, bool product) {
   int p = metal_shim::simd_collective(tag, &x, sizeof(T), nullptr);
   metal_shim::SimdGroup& s = metal_shim::my_simdgroup();
   unsigned me = my_lane();

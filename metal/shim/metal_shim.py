@@ -1,11 +1,20 @@
 """Run Metal kernel bodies written for ``mx.fast.metal_kernel`` on the CPU.
 
-The body is wrapped in the signature MLX generates (see ``write_signature`` in
-MLX's ``mlx/fast.cpp``), compiled with the system ``g++`` against
-``metal_shim.h`` into a shared library (cached by source hash) and executed
-grid-wide: each threadgroup's threads run as cooperative fibers, so
-threadgroup memory, barriers and SIMD collectives behave as on the GPU. The
-supported Metal subset is documented in ``metal/README.md``.
+The body is wrapped in the signature MLX generates (``write_signature`` in
+MLX's ``mlx/backend/common/metal_kernel.cpp``, checked against MLX v0.32.1;
+see :func:`generate_source`) and compiled by clang as C++ for OpenCL against
+``metal_shim.h``: Metal's ``device``, ``threadgroup``, ``constant`` and
+``thread`` address spaces become OpenCL's ``__global``, ``__local``,
+``__constant`` and ``__private``, so mixing them fails to compile as in MSL,
+and nothing of libc or the C++ standard library is visible. A syntax pass over
+the kernel's own declarations adds what that language accepts and MSL does not
+(pointers and references without an address space, ``double``, ``virtual``,
+``new``, ``goto``; see :data:`REJECTED` and metal/README.md). The kernel is
+linked with the fiber runtime (``metal_shim_runtime.cpp``, ordinary C++) into a
+shared library (cached by source hash) and executed grid-wide: each
+threadgroup's threads run as cooperative fibers, so threadgroup memory,
+barriers and SIMD collectives behave as on the GPU. The supported Metal subset
+is documented in ``metal/README.md``.
 
 Two front ends share one call description:
 
@@ -34,6 +43,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -41,21 +51,41 @@ import numpy as np
 
 SHIM_DIR = Path(__file__).resolve().parent
 HEADER = SHIM_DIR / "metal_shim.h"
-HEADERS = [HEADER, SHIM_DIR / "metal_shim_simdgroup_matrix.h"]
+HEADERS = [HEADER, SHIM_DIR / "metal_shim_simdgroup_matrix.h", SHIM_DIR / "metal_shim_runtime.h"]
+RUNTIME = SHIM_DIR / "metal_shim_runtime.cpp"
 
-CXX = os.environ.get("QNEXT_METAL_SHIM_CXX", "g++")
-CXXFLAGS = [
-    "-std=c++17",
-    "-O2",
-    "-fPIC",
-    "-shared",
-    "-fno-strict-aliasing",
-    "-ffp-contract=off",
-    "-fno-fast-math",
+CXX = os.environ.get("QNEXT_METAL_SHIM_CXX", "clang++")
+COMMON_FLAGS = ["-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off"]
+# The kernel: C++ for OpenCL 2021 without libc/C++ headers, program-scope variables
+# only in the constant address space (as MSL), IEEE division and square root.
+KERNEL_FLAGS = [
+    "-x",
+    "clcpp",
+    "-cl-std=clc++2021",
+    "-cl-no-stdinc",
+    "-nostdinc",
+    "-Xclang",
+    "-cl-ext=-__opencl_c_program_scope_global_variables,-__opencl_c_device_enqueue",
+    "-cl-fp32-correctly-rounded-divide-sqrt",
     "-Wno-unknown-pragmas",
     "-Wno-unused-variable",
     "-Wno-unused-but-set-variable",
+    "-Wno-keyword-macro",
 ]
+RUNTIME_FLAGS = ["-std=c++17", "-fno-fast-math"]
+# Kept for the cache key and for callers that print the compile command.
+CXXFLAGS = COMMON_FLAGS + KERNEL_FLAGS
+
+# What C++ for OpenCL accepts and MSL does not, turned into errors for kernel code
+# (the body and its header): word -> the identifier it becomes, which names the reason
+# in the compiler's message. Exceptions, RTTI, default new/delete, thread_local,
+# the standard library and non-constant program-scope variables fail on their own.
+REJECTED = {
+    "double": "metal_has_no_double",
+    "virtual": "metal_has_no_virtual_functions",
+    "new": "metal_has_no_new",
+    "goto": "metal_has_no_goto",
+}
 
 
 class ShimError(RuntimeError):
@@ -106,7 +136,7 @@ _ATTRIBUTES: List[Tuple[str, str, str]] = [
 
 
 def have_compiler() -> bool:
-    """True when the C++ compiler the shim needs (``g++`` or $QNEXT_METAL_SHIM_CXX) is on PATH."""
+    """True when the compiler the shim needs (``clang++``, or $QNEXT_METAL_SHIM_CXX: a clang) is on PATH."""
     return shutil.which(CXX) is not None
 
 
@@ -129,18 +159,49 @@ def dtype_name(dtype: Any) -> str:
 # ---------------------------------------------------------------------------
 
 _INCLUDE_METAL = re.compile(r"^[ \t]*#[ \t]*include[ \t]*<metal_\w+>[ \t]*$", re.M)
-# `threadgroup T name[...]` / `threadgroup T name;`: a declaration (no * or &
-# before the name); pointer types keep `threadgroup` (an empty macro).
-_TG_DECL = re.compile(r"\bthreadgroup\b(?=\s+[A-Za-z_][\w:<>, ]*?\s+[A-Za-z_]\w*\s*[\[;,])")
+# A threadgroup declaration in the body: `threadgroup T name[...][...];`, `threadgroup T a, b[4];`
+# (no * or & before a name: pointer types keep `threadgroup`, the __local qualifier).
+_TG_DECL = re.compile(
+    r"\bthreadgroup\s+((?:const\s+)?[A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s+"
+    r"([A-Za-z_]\w*(?:\s*\[[^\]]*\])*(?:\s*,\s*[A-Za-z_]\w*(?:\s*\[[^\]]*\])*)*)\s*;"
+)
 _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)[hH]\b")
 # Unsuffixed floating literals are float in Metal (there is no double).
 _FLOAT_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)(?![\w.])")
+# Inputs with fewer elements are passed in the constant address space (MLX's
+# max_constant_array_size in mlx/backend/common/metal_kernel.cpp).
+MAX_CONSTANT_ARRAY_SIZE = 8
 
 
-def translate(code: str) -> str:
-    """Rewrite the few Metal constructs that are not also C++ (see metal/README.md)."""
+def _threadgroup_declarations(code: str) -> str:
+    """Each ``threadgroup T name[dims];`` of the body -> a ``__local`` reference to the
+    runtime's block for that declaration (one per declaration, shared by the threads of
+    the threadgroup), on the same source line."""
+    site = 0
+
+    def one(m: re.Match) -> str:
+        nonlocal site
+        ctype = m.group(1).strip()
+        out = []
+        for decl in re.split(r",(?![^\[]*\])", m.group(2)):
+            name, dims = re.match(r"\s*([A-Za-z_]\w*)\s*(.*)", decl, re.S).groups()
+            dims = " ".join(dims.split())
+            out.append(
+                f"threadgroup {ctype} (&{name}){dims} = *(threadgroup {ctype} (*){dims})"
+                f"(__SIZE_TYPE__)mtlshim_threadgroup_memory({site}, sizeof({ctype} {dims}));"
+            )
+            site += 1
+        return " ".join(out)
+
+    return _TG_DECL.sub(one, code)
+
+
+def translate(code: str, body: bool = False) -> str:
+    """Rewrite the few Metal constructs that are not also C++ for OpenCL (see metal/README.md);
+    ``body``: the kernel body, where threadgroup declarations are allowed."""
     code = _INCLUDE_METAL.sub("", code)
-    code = _TG_DECL.sub("MTLSHIM_THREADGROUP", code)
+    if body:
+        code = _threadgroup_declarations(code)
     code = _HALF_LITERAL.sub(r"half(\1f)", code)
     code = _FLOAT_LITERAL.sub(r"\1f", code)
     return code
@@ -155,9 +216,15 @@ def _template_arg(value: Any) -> Tuple[str, str]:
     return "typename", _DTYPES[dtype_name(value)][0]
 
 
+def input_address_space(ndim: int, size: int) -> str:
+    """``"constant"`` or ``"device"``: where MLX passes an input of ``size`` elements (0-d
+    arrays, by reference, and arrays of fewer than 8 elements are ``constant``)."""
+    return "constant" if size < MAX_CONSTANT_ARRAY_SIZE else "device"
+
+
 def generate_source(
     name: str,
-    inputs: Sequence[Tuple[str, str, int]],
+    inputs: Sequence[Tuple[str, str, int, int]],
     output_names: Sequence[str],
     output_dtypes: Sequence[str],
     source: str,
@@ -165,50 +232,63 @@ def generate_source(
     template: Sequence[Tuple[str, Any]] = (),
     atomic_outputs: bool = False,
 ) -> str:
-    """The C++ translation unit for one kernel instantiation.
+    """The translation unit for one kernel instantiation.
+
+    The kernel function's signature is the one MLX writes (``write_signature`` in
+    ``mlx/backend/common/metal_kernel.cpp``, MLX v0.32.1): per input ``const constant
+    T& name`` for 0-d arrays, ``const constant T* name`` for arrays of fewer than 8
+    elements, else ``const device T* name``; then ``const constant int* name_shape``,
+    ``const constant int64_t* name_strides``, ``const constant int& name_ndim`` when
+    the body mentions them; outputs as ``device T* name`` (``device atomic<T>*``);
+    template arguments as ``int``, ``bool`` or ``typename`` parameters; the
+    attributes the body mentions, with MLX's types. The name is MLX's
+    (``custom_kernel_<name>_<template hash>`` plus a dtype suffix per input and output).
 
     Args:
-        inputs: ``(name, dtype name, ndim)`` per input, in order.
+        inputs: ``(name, dtype name, ndim, size)`` per input, in order.
         output_names, output_dtypes: the outputs.
         template: ``[(name, bool | int | dtype)]`` as given to the MLX call.
     Returns:
-        Source defining ``extern "C" int mtlshim_run(...)``; the kernel function
-        has exactly the parameters MLX's generated signature has.
+        Source defining ``extern "C" int mtlshim_run(...)``.
     """
     targs = [(n, *_template_arg(v)) for n, v in template]
     tdef = ""
     func = f"custom_kernel_{name}"
     if targs:
         tdef = "<" + ", ".join(v for _, _, v in targs) + ">"
-        func += re.sub(r"<|>|(, )", "_", tdef)[:-1]
+        func += "_" + re.sub(r"<|>|(, )", "_", tdef)[:-1]  # MLX's make_template_hash
+    for _, dt, ndim, size in inputs:
+        func += "_" + _DTYPES[dt][0] + ("s" if ndim == 0 else "c" if size < MAX_CONSTANT_ARRAY_SIZE else "")
+    for dt in output_dtypes:
+        func += "_" + _DTYPES[dt][0]
     params: List[str] = []
     args: List[str] = []
     slot = 0
-    for in_name, dt, ndim in inputs:
+    for in_name, dt, ndim, size in inputs:
         ctype = _DTYPES[dt][0]
-        if ndim == 0:
-            params.append(f"const constant {ctype}& {in_name}")
-            args.append(f"*(const {ctype}*)b[{slot}]")
-        else:
-            params.append(f"const device {ctype}* {in_name}")
-            args.append(f"(const {ctype}*)b[{slot}]")
+        space = input_address_space(ndim, size)
+        ref = "&" if ndim == 0 else "*"
+        params.append(f"const {space} {ctype}{ref} {in_name}")
+        # b[] holds generic pointers; an integer round trip reaches the constant space.
+        cast = f"(const {space} {ctype}*)(__SIZE_TYPE__)b[{slot}]"
+        args.append(f"*{cast}" if ndim == 0 else cast)
         slot += 1
         if ndim > 0:
-            for suffix, ptype, cast in (
-                ("_shape", "const constant int*", "(const int*)b[{}]"),
-                ("_strides", "const constant int64_t*", "(const int64_t*)b[{}]"),
-                ("_ndim", "const constant int&", "*(const int*)b[{}]"),
+            for suffix, ptype, ctype2, deref in (
+                ("_shape", "const constant int*", "int", ""),
+                ("_strides", "const constant int64_t*", "int64_t", ""),
+                ("_ndim", "const constant int&", "int", "*"),
             ):
                 if in_name + suffix in source:
                     params.append(f"{ptype} {in_name}{suffix}")
-                    args.append(cast.format(slot))
+                    args.append(f"{deref}(const constant {ctype2}*)(__SIZE_TYPE__)b[{slot}]")
                     slot += 1
     for out_name, dt in zip(output_names, output_dtypes):
         ctype = _DTYPES[dt][0]
         if atomic_outputs:
             ctype = f"atomic<{ctype}>"
         params.append(f"device {ctype}* {out_name}")
-        args.append(f"({ctype}*)b[{slot}]")
+        args.append(f"(device {ctype}*)b[{slot}]")
         slot += 1
     for attr, atype, expr in _ATTRIBUTES:
         if attr in source:
@@ -219,27 +299,140 @@ def generate_source(
         template_line = "template <" + ", ".join(f"{k} {n}" for n, k, _ in targs) + ">\n"
     sig = ",\n    ".join(params)
     call_args = ",\n      ".join(args)
+    rejected = "".join(f"#define {word} {ident}\n" for word, ident in REJECTED.items())
     return (
         f"// Generated by metal_shim.py for kernel '{name}'\n"
         f'#include "metal_shim.h"\n'
+        f"{rejected}"
         f"namespace metal {{\n"
+        f"namespace {USER_NAMESPACE} {{\n"
         f'#line 1 "{name}.header"\n'
         f"{translate(header)}\n"
         f'#line 1 "{name}.signature"\n'
         f"{template_line}void {func}(\n    {sig}) {{\n"
         f'#line 1 "{name}.metal"\n'
-        f"{translate(source)}\n"
+        f"{translate(source, body=True)}\n"
         f"}}\n"
-        f"static void mtlshim_body(const metal_shim::Attrs& a, void* ctx) {{\n"
+        f"}}  // namespace {USER_NAMESPACE}\n"
+        f'#line 1 "{name}.launch"\n'
+        f"static void mtlshim_body(const metal_shim::Attrs* ap, void* ctx) {{\n"
+        f"  const metal_shim::Attrs& a = *ap;\n"
         f"  void** b = (void**)ctx;\n"
-        f"  {func}{tdef}(\n      {call_args});\n"
+        f"  {USER_NAMESPACE}::{func}{tdef}(\n      {call_args});\n"
         f"}}\n"
         f"}}  // namespace metal\n"
-        f'extern "C" int mtlshim_run(void** bufs, const unsigned* grid, const unsigned* tg,\n'
-        f"                           unsigned long stack_bytes, unsigned order, char* err, int errlen) {{\n"
-        f"  return metal_shim::launch(grid, tg, stack_bytes, order, metal::mtlshim_body, bufs, err, errlen);\n"
+        f'extern "C" __attribute__((visibility("default"))) int mtlshim_run(\n'
+        f"    void** bufs, const unsigned* grid, const unsigned* tg, unsigned long stack_bytes, unsigned order,\n"
+        f"    char* err, int errlen) {{\n"
+        f"  return mtlshim_launch(grid, tg, stack_bytes, order, metal::mtlshim_body, bufs, err, errlen);\n"
         f"}}\n"
     )
+
+
+# The kernel's own declarations (its header and body) live in this namespace, so the
+# address-space check reads exactly them (clang's -ast-dump-filter).
+USER_NAMESPACE = "mtlshim_user"
+
+# ---------------------------------------------------------------------------
+# The checks on the kernel's own declarations (clang's AST dump of USER_NAMESPACE):
+# pointers and references must say where they point, and no function may recurse.
+# ---------------------------------------------------------------------------
+
+_AST_LINE = re.compile(r"^(?P<indent>[ |`-]*)(?P<kind>[A-Za-z]+)(?: (?P<id>0x[0-9a-f]+))?")
+_AST_LOC = re.compile(r"(?:<|\s)(?:(?P<file>[\w.\-/]+\.(?:metal|header|signature)):(?P<fline>\d+)|line:(?P<line>\d+))")
+_AST_TYPE = re.compile(r"'([^']*)'")
+_AST_PREV = re.compile(r" prev (0x[0-9a-f]+)")
+_AST_CALLEE = re.compile(
+    r"(?:DeclRefExpr .* (?:Function|CXXMethod) (0x[0-9a-f]+) '"
+    r"|MemberExpr .*'<bound member function type>' (?:\.|->)\w+ (0x[0-9a-f]+))"
+)
+_AST_MARKERS = {
+    *("line", "col", "used", "referenced", "cinit", "callinit", "listinit"),
+    *("inline", "static", "constexpr", "prev"),
+}
+_FUNCTION_DECLS = ("FunctionDecl", "CXXMethodDecl", "CXXConstructorDecl", "CXXConversionDecl")
+
+
+def _decl_name(text: str, end: int) -> str:
+    words = re.findall(r"[A-Za-z_]\w*", re.sub(r"0x[0-9a-f]+", "", text[end:].split("'", 1)[0]))
+    words = [w for w in words if w not in _AST_MARKERS]
+    return words[-1] if words else "?"
+
+
+def check_declarations(ast_dump: str) -> List[str]:
+    """What MSL rejects in a kernel's own code and C++ for OpenCL accepts, from the text
+    of ``clang -Xclang -ast-dump -Xclang -ast-dump-filter=mtlshim_user``:
+
+    - a pointer or reference type without an address space (clang's ``__generic``):
+      MSL requires one ("pointer type must have explicit address space qualifier");
+    - a function that calls itself, directly or through others: Metal has no recursion.
+
+    Returns one ``"<file>:<line>: error: ..."`` line per finding (implicit
+    declarations, e.g. copy constructors, are skipped).
+    """
+    found = []
+    file, line = "?", "?"
+    skip_below = None  # depth of an implicit declaration whose subtree is skipped
+    functions: Dict[str, Tuple[str, str]] = {}  # canonical id -> (name, "file:line")
+    canon: Dict[str, str] = {}
+    calls: Dict[str, set] = {}
+    stack: List[Tuple[int, str]] = []  # enclosing function declarations (depth, canonical id)
+    for text in ast_dump.splitlines():
+        m = _AST_LINE.match(text)
+        if not m:
+            continue
+        for loc in _AST_LOC.finditer(text.split("'", 1)[0]):
+            if loc.group("file"):
+                file, line = loc.group("file"), loc.group("fline")
+            else:
+                line = loc.group("line")
+        depth = len(m.group("indent"))
+        if skip_below is not None:
+            if depth > skip_below:
+                continue
+            skip_below = None
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        kind = m.group("kind")
+        if kind.endswith("Decl") and " implicit " in text:
+            skip_below = depth
+            continue
+        if kind in _FUNCTION_DECLS and m.group("id"):
+            prev = _AST_PREV.search(text)
+            cid = canon.get(prev.group(1), prev.group(1)) if prev else m.group("id")
+            canon[m.group("id")] = cid
+            functions.setdefault(cid, (_decl_name(text, m.end()), f"{file}:{line}"))
+            stack.append((depth, cid))
+        callee = _AST_CALLEE.search(text)
+        if callee and stack:
+            target = callee.group(1) or callee.group(2)
+            calls.setdefault(stack[-1][1], set()).add(canon.get(target, target))
+        if kind not in ("VarDecl", "ParmVarDecl", "FieldDecl") + _FUNCTION_DECLS:
+            continue
+        types = _AST_TYPE.findall(text)
+        if not types:
+            continue
+        qual = types[0]
+        if kind in _FUNCTION_DECLS:
+            qual = qual.split("(", 1)[0]  # the return type only (methods end in "__generic")
+        if re.search(r"__generic[^*&]*[*&]", qual):
+            shown = re.sub(r"\s*__private$", "", qual.replace("__generic ", "").strip())
+            found.append(
+                f"{file}:{line}: error: '{_decl_name(text, m.end())}' has type '{shown}': a pointer or reference "
+                "needs an address space (device, constant, threadgroup or thread), as in Metal"
+            )
+    # Recursion: a function that reaches itself in the call graph of the kernel's code.
+    for start, (name, where) in functions.items():
+        seen, todo = set(), list(calls.get(start, ()))
+        while todo:
+            f = todo.pop()
+            if f == start:
+                found.append(f"{where}: error: '{name}' calls itself (directly or via others): Metal has no recursion")
+                break
+            if f not in seen:
+                seen.add(f)
+                todo.extend(calls.get(f, ()))
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +440,9 @@ def generate_source(
 # ---------------------------------------------------------------------------
 
 _LIBS: Dict[str, ctypes.CDLL] = {}
+# ctypes releases the GIL during the launch; the runtime state is per OS thread,
+# but keep one launch at a time so timings and error reports stay simple.
+_LAUNCH_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -256,14 +452,52 @@ def cache_dir() -> Path:
     return Path(d)
 
 
+def _run(cmd: List[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _runtime_object() -> Path:
+    """The fiber runtime compiled once per source and compiler (cached)."""
+    h = hashlib.sha256()
+    for f in (RUNTIME, SHIM_DIR / "metal_shim_runtime.h"):
+        h.update(f.read_bytes())
+    h.update(" ".join([CXX] + COMMON_FLAGS + RUNTIME_FLAGS).encode())
+    out = cache_dir() / f"rt_{h.hexdigest()[:24]}.o"
+    if not out.exists():
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            obj = Path(tmp) / "rt.o"
+            proc = _run([CXX, *COMMON_FLAGS, *RUNTIME_FLAGS, "-I", str(SHIM_DIR), "-c", str(RUNTIME), "-o", str(obj)])
+            if proc.returncode != 0:
+                raise ShimError("metal shim: the runtime failed to compile:\n" + proc.stderr[-6000:])
+            os.replace(obj, out)
+    return out
+
+
+def check_source(cpp: str) -> None:
+    """Compile ``cpp`` for syntax only and apply :func:`check_declarations`; raises
+    :class:`ShimError` ("compilation failed") with the compiler's messages."""
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        src = Path(tmp) / "kernel.clcpp"
+        src.write_text(cpp)
+        proc = _run(
+            [CXX, *KERNEL_FLAGS, "-I", str(SHIM_DIR), "-fsyntax-only", "-Xclang", "-ast-dump"]
+            + ["-Xclang", f"-ast-dump-filter={USER_NAMESPACE}", str(src)]
+        )
+    if proc.returncode != 0:
+        raise ShimError("metal shim: compilation failed:\n" + proc.stderr[-6000:])
+    bad = check_declarations(proc.stdout)
+    if bad:
+        raise ShimError("metal shim: compilation failed:\n" + "\n".join(bad))
+
+
 def compile_source(cpp: str) -> ctypes.CDLL:
-    """Compile (or reuse) the shared library for a generated translation unit."""
+    """Check, compile and link (or reuse) the shared library for a generated translation unit."""
     h = hashlib.sha256()
     h.update(cpp.encode())
-    for hdr in HEADERS:
+    for hdr in HEADERS + [RUNTIME, Path(__file__)]:  # this file: the checks a library passed
         if hdr.exists():
             h.update(hdr.read_bytes())
-    h.update(" ".join([CXX] + CXXFLAGS).encode())
+    h.update(" ".join([CXX] + COMMON_FLAGS + KERNEL_FLAGS + RUNTIME_FLAGS).encode())
     key = h.hexdigest()[:24]
     if key in _LIBS:
         return _LIBS[key]
@@ -271,16 +505,17 @@ def compile_source(cpp: str) -> ctypes.CDLL:
         raise ShimError(f"metal shim: C++ compiler {CXX!r} not found")
     out = cache_dir() / f"k_{key}.so"
     if not out.exists():
+        check_source(cpp)
+        runtime = _runtime_object()
         # Build in a private folder, then rename: concurrent runs never load a half-written library.
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            src = Path(tmp) / "kernel.cpp"
+            src = Path(tmp) / "kernel.clcpp"
             src.write_text(cpp)
+            obj = Path(tmp) / "kernel.o"
             lib = Path(tmp) / "kernel.so"
-            proc = subprocess.run(
-                [CXX, *CXXFLAGS, "-I", str(SHIM_DIR), str(src), "-o", str(lib)],
-                capture_output=True,
-                text=True,
-            )
+            proc = _run([CXX, *COMMON_FLAGS, *KERNEL_FLAGS, "-I", str(SHIM_DIR), "-c", str(src), "-o", str(obj)])
+            if proc.returncode == 0:
+                proc = _run([CXX, "-shared", str(obj), str(runtime), "-o", str(lib), "-lm"])
             if proc.returncode != 0:
                 raise ShimError("metal shim: compilation failed:\n" + proc.stderr[-6000:])
             os.replace(lib, out)
@@ -357,7 +592,7 @@ def launch(
             arr = arr.astype(store)
         if (ensure_row_contiguous or arr.ndim == 0) and not arr.flags.c_contiguous:
             arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-        specs.append((in_name, dt, arr.ndim))
+        specs.append((in_name, dt, arr.ndim, arr.size))
         arrays.append(arr)
     out_names = [o[0] for o in outputs]
     out_dtypes = [o[2] for o in outputs]
@@ -368,7 +603,7 @@ def launch(
 
     keep: List[np.ndarray] = []
     ptrs: List[int] = []
-    for (in_name, dt, ndim), arr in zip(specs, arrays):
+    for (in_name, dt, ndim, _), arr in zip(specs, arrays):
         if arr.size == 0 and ndim > 0:
             arr = np.zeros(1, dtype=arr.dtype)
         keep.append(arr)
@@ -404,7 +639,8 @@ def launch(
     g = (ctypes.c_uint * 3)(*[int(x) for x in grid])
     t = (ctypes.c_uint * 3)(*[int(x) for x in threadgroup])
     err = ctypes.create_string_buffer(2048)
-    rc = lib.mtlshim_run(bufs, g, t, stack_kb * 1024, order, err, len(err))
+    with _LAUNCH_LOCK:
+        rc = lib.mtlshim_run(bufs, g, t, stack_kb * 1024, order, err, len(err))
     if rc != 0:
         raise ShimError(f"{name}: {err.value.decode(errors='replace')}")
     return results

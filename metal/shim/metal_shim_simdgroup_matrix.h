@@ -21,7 +21,7 @@ struct simdgroup_matrix {
   simdgroup_matrix() = default;
   // Metal: the scalar constructor makes a diagonal matrix.
   explicit simdgroup_matrix(T diag) {
-    unsigned l = metal_shim::rt()->cur->a.lane;
+    unsigned l = metal_shim::lane();
     unsigned q = l / 4, fm = (q & 4) + (l / 2) % 4, fn = (q & 2) * 2 + (l % 2) * 2;
     e.x = (fm == fn) ? diag : T(0);
     e.y = (fm == fn + 1) ? diag : T(0);
@@ -40,7 +40,7 @@ inline void sg_coords(unsigned l, unsigned& fm, unsigned& fn) {
   fm = (q & 4) + (l / 2) % 4;
   fn = (q & 2) * 2 + (l % 2) * 2;
 }
-inline unsigned sg_lane() { return metal_shim::rt()->cur->a.lane; }
+inline unsigned sg_lane() { return metal_shim::lane(); }
 }  // namespace detail
 
 template <typename T, int C, int R>
@@ -96,7 +96,7 @@ inline void mma(thread simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA,
   float A[8][8], B[8][8];
   for (unsigned l = 0; l < 32; l++) {
     MmaSlot v;
-    std::memcpy(&v, s.slot[p][l], sizeof(v));
+    __builtin_memcpy(&v, s.slot[p][l], sizeof(v));
     unsigned fm, fn;
     sg_coords(l, fm, fn);
     A[fm][fn] = v.a[0];

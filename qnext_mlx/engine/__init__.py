@@ -2,15 +2,20 @@
 
 | module | holds |
 | --- | --- |
+| ``batch`` | the continuous-batching engine: one step loop over every request |
+| ``batch_cache`` | the running sequences' states stacked on the batch axis |
+| ``prefix_cache`` | snapshots reused across requests and conversation turns |
 | ``primitives`` | all-or-nothing forward passes, chunked prefill, mlx-lm's generation stream |
 | ``sampling`` | sampling settings, penalties, the distribution the sampler draws from |
-| ``decode`` | the decode loop (:func:`generate_tokens`), pipelined one step ahead |
-| ``speculative`` | MTP speculative decoding: drafts, one verify pass, exact rollback |
+| ``decode`` | the one-sequence decode loop (:func:`generate_tokens`), pipelined one step ahead |
+| ``speculative`` | MTP speculative decoding: drafts, one verify pass, exact rollback, the default rule |
+| ``mtp_trial`` | the timed trial that decides the MTP default on a GPU backend |
 | ``text`` | prompt formatting, stop strings, the think filter |
-| ``stream`` | :func:`stream_generate` / :func:`generate`: reuse, detokenization, stats |
+| ``stream`` | :func:`stream_generate` / :func:`generate` (one prompt), :func:`batch_generate` / :func:`stream_batch` (several) |
 | ``plan`` | the memory planner |
 """
 
+from . import mtp_trial  # noqa: F401  (registers the MTP trial with kernels.candidates)
 from .batch import BatchEngine, GenerationRequest, SamplingParams
 from .decode import generate_tokens
 from .stream import GenerationResponse, batch_generate, generate, stream_batch, stream_generate

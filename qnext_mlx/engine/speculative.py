@@ -48,6 +48,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache
 
+from ..kernels import candidates
 from .primitives import StopCheck, eval_cache, forward, generation_stream, prefill
 from .sampling import LogitsProcessor, sampling_distribution
 
@@ -62,8 +63,11 @@ def mtp_available(model) -> bool:
     return bool(getattr(model, "has_mtp", False))
 
 
-# Whether MTP decoding is on by default, per device type (see mtp_default).
-MTP_BY_DEFAULT = {"gpu": True, "cpu": False}
+# Whether MTP decoding is on by default, per device type (see mtp_default): True, False,
+# or None: decided on the machine by a short timed trial (qnext_mlx.engine.mtp_trial).
+MTP_BY_DEFAULT = {"gpu": None, "cpu": False}
+# The name of the trial's op in qnext_mlx.kernels.candidates (registered by mtp_trial).
+MTP_TRIAL_OP = "mtp_default"
 
 
 def mtp_default(model, device=None) -> bool:
@@ -71,23 +75,32 @@ def mtp_default(model, device=None) -> bool:
     and speculative decoding is faster on the backend (``device``, default MLX's
     default device), per :data:`MTP_BY_DEFAULT`.
 
-    The rule, from ``scripts/bench_mtp.py``:
-
-    - CPU backend: off. Measured on the demo model (greedy, 200 tokens), MTP runs
-      at 0.8-1.0x plain decoding for K = 1..4 although 64-77% of the drafts are
-      accepted: there a forward pass costs in proportion to its tokens (bfloat16
-      matmuls, the token-by-token DeltaNet recurrence), so verifying K+1 tokens is
-      not much cheaper than decoding them, and the MTP layer comes on top.
-    - GPU (Metal): on. Decoding is bound by reading the weights and launching
-      kernels, so a verify pass over K+1 tokens costs about as much as one token
-      and every accepted draft saves most of a step. Not measured in this
-      project's CI (no Mac); run ``scripts/bench_mtp.py`` there to check.
+    - CPU backend: off, by measurement (``scripts/bench_mtp.py``,
+      ``scripts/results/bench-mtp-demo.json``): on the demo model (greedy, 256 tokens)
+      MTP runs at 0.97x, 0.90x and 0.80x plain decoding for K = 1, 2, 3 by wall clock
+      (1.02x, 0.99x, 0.90x by CPU seconds) although 78%, 67% and 56% of the drafts are
+      accepted: there a forward pass costs in proportion to its tokens (the matmuls, the
+      token-by-token DeltaNet recurrence), so verifying K+1 tokens is not much cheaper
+      than decoding them, and the MTP layer comes on top.
+    - GPU (Metal, CUDA): measured on the user's machine, once per model shape and
+      machine: the first call times plain and MTP greedy decoding of the same short
+      prompt (:mod:`qnext_mlx.engine.mtp_trial`; each path warmed up first) and keeps
+      the faster; the decision is cached on disk with the kernel decisions
+      (:mod:`qnext_mlx.kernels.candidates`; ``python -m qnext_mlx.doctor`` shows it).
+      Asked about a GPU while MLX's default device is not one, it says off.
     """
     if not mtp_available(model):
         return False
     device = device or mx.default_device()
     kind = device.type if isinstance(device, mx.Device) else device  # a Device or a DeviceType
-    return MTP_BY_DEFAULT.get("gpu" if kind == mx.DeviceType.gpu else "cpu", False)
+    rule = MTP_BY_DEFAULT.get("gpu" if kind == mx.DeviceType.gpu else "cpu", False)
+    if rule is not None:
+        return bool(rule)
+    trial = candidates.registered().get(MTP_TRIAL_OP)
+    if trial is None or not trial.backend.available():
+        return False
+    decision, _ = candidates.decide(trial, model)
+    return decision.choice == "mtp"
 
 
 # ------------------------------------------------------------------- sampling

@@ -8,13 +8,14 @@
 | ``moe`` | routed experts grouped by expert on the CPU |
 | ``attention`` | blocked causal prefill attention on the CPU |
 | ``lanes`` | the CPU lanes (one MLX stream per core) the CPU paths spread work over |
-| ``registry`` | Metal kernel sources and objects, first-use verification, status |
-| ``metal_gdn`` | the Gated DeltaNet Metal kernels (decode step, chunked prefill) |
-| ``metal_moe`` | the gather-MoE Metal decode kernel |
+| ``registry`` | Metal kernel sources and objects, the Metal check, output comparison |
+| ``candidates`` | ops with ordered candidates: verified and timed on first use, the fastest kept, cached on disk |
+| ``metal_gdn`` | the Gated DeltaNet mixer ops (decode, prefill) and their candidates, our Metal kernels |
+| ``metal_moe`` | the gather-MoE decode op and its candidates, our Metal kernel |
 """
 
-# Importing the Metal wrappers registers their kernels with registry.kernel_status
-# (the doctor's list) whichever module is imported first.
+# Importing the Metal wrappers registers their ops with candidates.status (the
+# doctor's list) whichever module is imported first.
 from . import metal_gdn, metal_moe  # noqa: E402,F401  (imported for their registration)
 from .gated_delta import (
     compute_decay_beta,

@@ -17,34 +17,27 @@ The reference (:func:`moe_decode_reference`) is the block's own decode path:
 mlx-lm's ``SwitchGLU`` (``mx.gather_qmm``), the score-weighted sum and the
 shared expert (:func:`moe_combine`, which the block itself calls).
 
-On a Mac (Metal available and the GPU the default device) the first call
-with a new configuration
-
-1. runs the kernel on a small random input with the same dtype, quantisation
-   and top-k and compares it with the reference (once per such configuration);
-2. times kernel and reference on the real shapes (a few warm runs each,
-   per token count ``T``; the timings include building the graph, as decode does).
-
-The kernel is used only if it matched and was faster; otherwise (one warning
-or info line) the caller keeps the reference. :func:`qnext_mlx.kernels.registry.kernel_status`
-reports it as ``moe_decode`` with the timings (``python -m qnext_mlx.doctor``).
-Off Metal the kernel is never used. Tests run the body on Linux by passing
-the shim's ``metal_kernel`` as ``kernel_factory``.
+On Metal the op ``moe_decode`` (:mod:`qnext_mlx.kernels.candidates`) has two
+candidates: ``qnext`` (this kernel) and ``mlx-lm`` (mlx-lm's ``SwitchGLU`` with
+``mx.gather_qmm``, the weighted sum and the shared expert: what mlx-lm runs, and
+the reference). The first call with a new configuration (dtypes, quantisation,
+top-k, sizes, token count ``T``) verifies the kernel on the real inputs against
+the reference evaluated in float32 and times both; the kernel is used only if it
+matched and was faster. Off Metal the kernel is never used. Tests run the body on
+Linux through the shim's ``metal_kernel``, as ``kernel_factory`` or standing in
+for ``mx.fast.metal_kernel``.
 """
 
 from __future__ import annotations
 
-import logging
-import statistics
-import time
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.qwen3_next import Qwen3NextMLP
 from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
 
-from . import registry
+from . import candidates, registry
 from .moe import switch_glu_lanes
 
 __all__ = [
@@ -60,13 +53,11 @@ __all__ = [
     "quantize_moe_block",
     "small_block",
     "small_routing",
-    "time_us",
+    "MOE_DECODE",
+    "MODEL_QUANT",
 ]
 
-logger = logging.getLogger(__name__)
-
 KERNEL_NAME = "moe_decode"
-REFERENCE_NAME = "gather_qmm"
 MOE_INPUTS = [
     "x",
     "inds",
@@ -101,9 +92,6 @@ NSG = 2
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 _DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-
-# Timer: timer(fn, label) -> microseconds per call of fn (label: "kernel" or "reference").
-Timer = Callable[[Callable[[], Any], str], float]
 
 
 class MoeSpec(NamedTuple):
@@ -328,19 +316,6 @@ def moe_decode_reference(block: nn.Module, x: mx.array, inds: mx.array, scores: 
     return moe_combine(block, x, switch_glu_lanes(block.switch_mlp, x, inds), scores)
 
 
-def time_us(fn: Callable[[], Any], label: str = "", warmup: int = 2, runs: int = 5) -> float:
-    """Median wall time of ``mx.eval(fn())`` in microseconds, after ``warmup`` runs
-    (the first compiles the kernels)."""
-    for _ in range(warmup):
-        mx.eval(fn())
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        samples.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(samples)
-
-
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
@@ -354,103 +329,12 @@ def _parse_quant(text: str) -> Tuple[Tuple[int, int], ...]:
     return tuple((int(b), int(g)) for b, g in (q.split("/") for q in text.split(",")))
 
 
-def _correctness_config(block: nn.Module, spec: MoeSpec, x: mx.array) -> Tuple:
-    """``(x dtype, scales dtype, quant string, top-k)``: what the small-input verification depends on."""
-    return (
-        _dtype_name(x.dtype),
-        _dtype_name(block.switch_mlp.gate_proj["scales"].dtype),
-        quant_string(spec.quant),
-        spec.top_k,
-    )
-
-
-def _timed_choice(
-    block: nn.Module,
-    x: mx.array,
-    inds: mx.array,
-    scores: mx.array,
-    factory: registry.KernelFactory,
-    timer: Timer,
-    key: Tuple,
-    error: float,
-) -> registry.KernelCheck:
-    """Time kernel and reference on the real inputs; the kernel is chosen only if faster."""
-    mx.eval(x, inds, scores)  # time the MoE only, not what produced its inputs
-    try:
-        t_ref = timer(lambda: moe_decode_reference(block, x, inds, scores), "reference")
-        t_ker = timer(lambda: run_moe_decode_kernel(factory, block, x, inds, scores), "kernel")
-    except Exception as e:  # a launch failure on the real shapes
-        detail = f"kernel failed to run: {type(e).__name__}: {e}"
-        logger.warning("Metal kernel %s %s: %s; using %s", KERNEL_NAME, key, detail, REFERENCE_NAME)
-        return registry.KernelCheck(False, float("inf"), detail)
-    if t_ker < t_ref:
-        detail = f"kernel {t_ker:.0f} us vs {REFERENCE_NAME} {t_ref:.0f} us"
-        logger.info("Metal kernel %s %s: using the kernel (%s)", KERNEL_NAME, key, detail)
-        return registry.KernelCheck(True, error, detail, f"{key[-1]}: {detail}")
-    detail = f"kept {REFERENCE_NAME}: {t_ref:.0f} us vs kernel {t_ker:.0f} us"
-    logger.info("Metal kernel %s %s: %s", KERNEL_NAME, key, detail)
-    return registry.KernelCheck(False, error, detail)
-
-
-def moe_decode(
-    block: nn.Module,
-    x: mx.array,
-    inds: mx.array,
-    scores: mx.array,
-    *,
-    kernel_factory: Optional[registry.KernelFactory] = None,
-    timer: Optional[Timer] = None,
-) -> Optional[mx.array]:
-    """The block's decode output through the kernel, or None where the caller must run the reference.
-
-    Args:
-        block: a ``SparseMoeBlock`` (``switch_mlp``, ``shared_expert``,
-            ``shared_expert_gate``, ``top_k``).
-        x: ``[..., H]`` the block's input; inds: ``[..., k]`` expert ids;
-            scores: ``[..., k]`` routing weights (float32).
-        kernel_factory: run the kernel through this factory, unchecked (tests);
-            default: on Metal, ``mx.fast.metal_kernel`` after the first-use
-            verification and timing, elsewhere nothing (None is returned).
-        timer: ``timer(fn, label) -> microseconds`` for the first-use timing
-            (default :func:`time_us`).
-    Returns:
-        ``[..., H]`` (as :func:`moe_decode_reference`), or None: off Metal, more
-        than ``MAX_DECODE_T`` tokens, an unsupported block or dtype, or a kernel
-        that disagreed with the reference or was not faster.
-    """
-    factory = kernel_factory
-    decide = False
-    if factory is None:
-        if not registry.metal_available():
-            return None
-        factory, decide = mx.fast.metal_kernel, True
-    T = x.size // x.shape[-1]
-    if not 1 <= T <= registry.MAX_DECODE_T or x.dtype not in _DTYPES:
-        return None
-    spec = moe_spec(block)
-    if spec is None or x.shape[-1] != spec.hidden or inds.shape[-1] != spec.top_k:
-        return None
-    if decide:
-        config = _correctness_config(block, spec, x)
-        if not registry.is_verified(KERNEL_NAME, config, factory):
-            return None
-        key = config + (f"H={spec.hidden} I={spec.inter} SI={spec.shared_inter} E={spec.num_experts} T={T}",)
-        error = registry.recorded_check(KERNEL_NAME, config).max_error
-        check = registry.decide_once(
-            KERNEL_NAME, key, lambda: _timed_choice(block, x, inds, scores, factory, timer or time_us, key, error)
-        )
-        if not check.ok:
-            return None
-    return run_moe_decode_kernel(factory, block, x, inds, scores)
-
-
 # ---------------------------------------------------------------------------
-# Verification on a small random problem (first use, and the doctor)
+# Random blocks (tests, the doctor's sample problem)
 # ---------------------------------------------------------------------------
 
-# (x dtype, scales dtype, quant, top-k): a 4-bit checkpoint as mlx-lm converts Qwen3-Next
-# (shared_expert_gate at 8 bits), bfloat16 activations, 10 experts per token.
-DEFAULT_CONFIG = ("bfloat16", "bfloat16", "4/64,4/64,4/64,4/64,8/64", 10)
+# A 4-bit checkpoint as mlx-lm converts Qwen3-Next (shared_expert_gate at 8 bits).
+MODEL_QUANT = ((4, 64), (4, 64), (4, 64), (4, 64), (8, 64))
 
 
 def quantize_moe_block(
@@ -526,31 +410,128 @@ def small_routing(T: int, top_k: int, num_experts: int, seed: int = 0) -> Tuple[
     return inds, scores
 
 
-def _verify_moe_decode(factory: registry.KernelFactory, config: Optional[Tuple]) -> Tuple[bool, float, str]:
-    """Verifier of ``moe_decode``: ``config`` ``(x dtype, scales dtype, quant string, top-k)``
-    (:func:`quant_string`; e.g. :data:`DEFAULT_CONFIG`); H=256, I=SI=128, E=max(16, 2k),
-    T=3 tokens sharing experts."""
-    dt, sdt, quant, k = config or DEFAULT_CONFIG
-    dtype = registry.dtype_from_name(dt)
-    try:
-        block = small_block(_parse_quant(quant), k, registry.dtype_from_name(sdt), num_experts=max(16, 2 * k))
-        x = mx.random.normal((1, 3, 256), key=mx.random.key(1)).astype(dtype)
-        inds, scores = small_routing(3, k, max(16, 2 * k))
-        got = run_moe_decode_kernel(factory, block, x, inds, scores)
-        # The reference evaluated in float32 (same weights, the 16-bit inputs
-        # upcast exactly): with 16-bit activations the reference itself rounds
-        # every intermediate (gate/up outputs, SwiGLU, each expert's output, the
-        # 16-bit sum of k weighted outputs) and lands 2-4e-2 (bfloat16) from
-        # its own float32 evaluation, while the kernel accumulates in float32
-        # and rounds once; compared with the 16-bit reference, a wrong kernel
-        # could hide in that noise.
-        ref = moe_decode_reference(block, x.astype(mx.float32), inds, scores)
-        mx.eval(got, ref)
-    except Exception as e:  # a compile or launch failure on the device
-        return False, float("inf"), f"kernel failed to run: {type(e).__name__}: {e}"
+# ---------------------------------------------------------------------------
+# The op and its candidates
+# ---------------------------------------------------------------------------
+
+
+def _unsupported(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array) -> Optional[str]:
+    T = x.size // x.shape[-1]
+    if not 1 <= T <= registry.MAX_DECODE_T:
+        return f"{T} tokens (the kernel takes 1..{registry.MAX_DECODE_T})"
+    if x.dtype not in _DTYPES:
+        return f"activations in {x.dtype}"
+    spec = moe_spec(block)
+    if spec is None:
+        return "experts not affine-quantized with 4/8 bits and group size 32/64/128 (or linear biases, odd shapes)"
+    if x.shape[-1] != spec.hidden or inds.shape[-1] != spec.top_k:
+        return "inputs that do not match the block"
+    return None
+
+
+def _config(block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array) -> Tuple[Tuple[str, Any], ...]:
+    spec = moe_spec(block)
+    sizes = (
+        ()
+        if spec is None
+        else (
+            ("quant", quant_string(spec.quant)),
+            ("top_k", spec.top_k),
+            ("H", spec.hidden),
+            ("I", spec.inter),
+            ("SI", spec.shared_inter),
+            ("E", spec.num_experts),
+        )
+    )
+    scales = block.switch_mlp.gate_proj.get("scales")
+    return (
+        ("dtype", _dtype_name(x.dtype)),
+        ("scales", _dtype_name(scales.dtype) if scales is not None else "none"),
+        *sizes,
+        ("T", x.size // x.shape[-1]),
+    )
+
+
+def _verify(got: mx.array, ref: mx.array, block: nn.Module, x: mx.array, inds: mx.array, scores: mx.array):
+    # Against the reference evaluated in float32 (same weights, the 16-bit inputs
+    # upcast exactly): with 16-bit activations the reference itself rounds every
+    # intermediate (gate/up outputs, SwiGLU, each expert's output, the 16-bit sum of
+    # k weighted outputs) and lands 2-4e-2 (bfloat16) from its own float32
+    # evaluation, while the kernel accumulates in float32 and rounds once; compared
+    # with the 16-bit reference, a wrong kernel could hide in that noise.
+    ref32 = moe_decode_reference(block, x.astype(mx.float32), inds, scores)
     # float32: summation order only; 16-bit: the output's rounding (2^-9 for
     # bfloat16) and the reference's float32 products.
-    return registry.compare_outputs(["y"], [got], [ref], 1e-4 if dtype == mx.float32 else 1e-2)
+    return registry.compare_outputs(["y"], [got], [ref32], 1e-4 if x.dtype == mx.float32 else 1e-2)
 
 
-registry.register_kernel(KERNEL_NAME, _verify_moe_decode, DEFAULT_CONFIG)
+def _sample():
+    """The model's MoE sizes (H=2048, I=SI=512, top-10, 4-bit; 16 experts rather than 512:
+    a token reads only its 10), bfloat16, one decode token."""
+    block = small_block(MODEL_QUANT, 10, mx.bfloat16, hidden=2048, inter=512, shared_inter=512, num_experts=16)
+    x = mx.random.normal((1, 1, 2048), key=mx.random.key(1)).astype(mx.bfloat16)
+    inds, scores = small_routing(1, 10, 16)
+    return [((block, x, inds, scores), {})]
+
+
+MOE_DECODE = candidates.register(
+    candidates.Op(
+        name=KERNEL_NAME,
+        summary=f"routed experts + weighted sum + shared expert for 1..{registry.MAX_DECODE_T} tokens (quantized)",
+        backend=candidates.METAL,
+        candidates=(
+            candidates.Candidate(
+                "qnext",
+                "metal/moe_decode.metal: gate/up + SwiGLU, then down + weighted sum + shared expert, two launches",
+                lambda factory, *a: run_moe_decode_kernel(factory, *a),
+                _unsupported,
+            ),
+            candidates.Candidate(
+                "mlx-lm",
+                "mlx-lm's SwitchGLU (mx.gather_qmm), weighted sum, shared expert: the model's own path",
+                lambda factory, *a: moe_decode_reference(*a),
+            ),
+        ),
+        reference="mlx-lm",
+        config=_config,
+        verify=_verify,
+        samples=_sample,
+    )
+)
+
+
+def moe_decode(
+    block: nn.Module,
+    x: mx.array,
+    inds: mx.array,
+    scores: mx.array,
+    *,
+    kernel_factory: Optional[registry.KernelFactory] = None,
+) -> Optional[mx.array]:
+    """The block's decode output through the kernel, or None where the caller must run the reference.
+
+    Args:
+        block: a ``SparseMoeBlock`` (``switch_mlp``, ``shared_expert``,
+            ``shared_expert_gate``, ``top_k``).
+        x: ``[..., H]`` the block's input; inds: ``[..., k]`` expert ids;
+            scores: ``[..., k]`` routing weights (float32).
+        kernel_factory: run the kernel through this factory, unchecked (tests);
+            default: on Metal, the candidate chosen for this configuration
+            (``moe_decode`` in :mod:`qnext_mlx.kernels.candidates`), elsewhere
+            nothing (None is returned).
+    Returns:
+        ``[..., H]`` (as :func:`moe_decode_reference`), or None: off Metal, more
+        than ``MAX_DECODE_T`` tokens, an unsupported block or dtype, or where the
+        reference (``mlx-lm``) was chosen.
+    """
+    args = (block, x, inds, scores)
+    if kernel_factory is None and not MOE_DECODE.backend.available():
+        return None
+    if _unsupported(*args) is not None:
+        return None
+    if kernel_factory is not None:
+        return run_moe_decode_kernel(kernel_factory, *args)
+    decision, out = candidates.decide(MOE_DECODE, *args)
+    if decision.choice != "qnext":
+        return None
+    return out if out is not None else run_moe_decode_kernel(MOE_DECODE.backend.factory(), *args)
