@@ -6,12 +6,13 @@
 | ``batch_cache`` | the running sequences' states stacked on the batch axis |
 | ``prefix_cache`` | snapshots reused across requests and conversation turns |
 | ``primitives`` | all-or-nothing forward passes, chunked prefill, mlx-lm's generation stream |
-| ``sampling`` | sampling settings, penalties, the distribution the sampler draws from |
+| ``sampling`` | sampling settings, penalties, logit bias, the distribution the sampler draws from |
+| ``constraint`` | structured outputs: an llguidance grammar as a per-sequence token mask |
 | ``decode`` | the one-sequence decode loop (:func:`generate_tokens`), pipelined one step ahead |
 | ``speculative`` | MTP speculative decoding: drafts, one verify pass, exact rollback, the default rule |
 | ``mtp_trial`` | the timed trial that decides the MTP default on a GPU backend |
 | ``text`` | prompt formatting, stop strings, the think filter |
-| ``stream`` | :func:`stream_generate` / :func:`generate` (one prompt), :func:`batch_generate` / :func:`stream_batch` (several) |
+| ``stream`` | :func:`stream_generate` / :func:`generate` (one prompt); :func:`batch_generate` / :func:`stream_batch` |
 | ``plan`` | the memory planner |
 """
 

@@ -38,21 +38,24 @@ thread-safe.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 from tqdm import tqdm
 
 from ..errors import QnextError
 from ..model.cache import ModelCache
 from . import speculative
 from .batch_cache import BatchCache
+from .constraint import Grammar
 from .prefix_cache import PrefixCache
 from .primitives import (
     DEFAULT_PREFILL_STEP_SIZE,
@@ -70,6 +73,7 @@ from .sampling import (
     DEFAULT_TOP_P,
     LogitsProcessor,
     Sampler,
+    check_logit_bias,
     check_sampling,
     filter_logprobs,
     make_logits_processors,
@@ -77,6 +81,7 @@ from .sampling import (
 from .text import stop_holdback
 
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "BatchEngine",
     "EngineBusyError",
     "EngineObserver",
@@ -86,11 +91,14 @@ __all__ = [
     "SamplingParams",
     "SequenceStats",
     "TokenEvent",
+    "token_logprobs",
 ]
 
 FinishReason = str  # "stop", "length" or "cancelled"
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_WAITING = 64
+# Most alternatives a token's log-probability comes with (OpenAI's top_logprobs limit).
+MAX_TOP_LOGPROBS = 20
 # Smallest prefill chunk while sequences decode (below it the per-chunk overhead dominates).
 MIN_PREFILL_CHUNK = 16
 
@@ -104,7 +112,8 @@ class SamplingParams:
     """How one request's tokens are drawn (model-card defaults; ``temp == 0`` is greedy).
 
     ``seed``: the request's own random key, so that its text does not depend on what
-    else shares the batch (None: drawn from MLX's global generator).
+    else shares the batch (None: drawn from MLX's global generator). Penalties and
+    ``logit_bias`` (token id -> value added to its logit) follow OpenAI's meaning.
     """
 
     temp: float = DEFAULT_TEMP
@@ -114,10 +123,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[Dict[int, float]] = None
 
     def validate(self) -> None:
         """Raise ValueError (one line) for an out-of-range value."""
-        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.presence_penalty, self.repetition_penalty)
+        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.presence_penalty, self.repetition_penalty,
+                       self.frequency_penalty)  # fmt: skip
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
@@ -147,6 +159,13 @@ class GenerationRequest:
         progress: a prefill progress bar on stderr (None: for prompts over
             ``PROGRESS_MIN_TOKENS`` tokens).
         prefill_step_size: the largest prefill chunk (None: the engine's).
+        grammar: a :class:`~qnext_mlx.engine.constraint.Grammar` every choice must follow
+            (structured outputs; applied after the other logits processors).
+        logprobs: report each token's log-probability and this many top alternatives
+            (None: none; 0: the chosen token's only).
+        exact_text: the text exactly as the tokens decode (a plain completion: a first
+            token " Moses" gives " Moses"); False: the tokenizer's streaming detokenizer,
+            which drops a reply's leading space, as mlx-lm's does.
     """
 
     prompt: Sequence[int]
@@ -162,6 +181,9 @@ class GenerationRequest:
     num_draft_tokens: Optional[int] = None
     progress: Optional[bool] = False
     prefill_step_size: Optional[int] = None
+    grammar: Optional[Grammar] = None
+    logprobs: Optional[int] = None
+    exact_text: bool = False
 
 
 @dataclass
@@ -187,8 +209,11 @@ class TokenEvent:
 
     ``text``: the new text (may be empty: a partial character or a possible stop
     string is held back); ``logprobs``: ``[vocab]`` normalised log-probabilities the
-    token was drawn from (after the logits processors), lazy; ``finish_reason`` and
-    ``stats`` are set on the choice's last event.
+    token was drawn from (after the logits processors: penalties, bias, grammar; before
+    temperature and top-p/top-k/min-p), lazy; ``finish_reason`` and ``stats`` are set on
+    the choice's last event. When the request asked for ``logprobs``: ``token_logprob``
+    (the token's value in ``logprobs``) and ``top_logprobs`` (the best ``(token, logprob)``
+    pairs, best first), computed on the engine's thread.
     """
 
     index: int
@@ -198,6 +223,8 @@ class TokenEvent:
     from_draft: bool = False
     finish_reason: Optional[FinishReason] = None
     stats: Optional[SequenceStats] = None
+    token_logprob: Optional[float] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
 
 
 class EngineObserver:
@@ -234,6 +261,15 @@ class RequestHandle:
         self.unfinished = request.n
         self.submitted = time.perf_counter()
         self._stop_check: Optional[Callable[[], bool]] = None
+        # Called (on the engine's thread) after each event: an asyncio consumer's wake-up.
+        self.listener: Optional[Callable[[], None]] = None
+
+    def push(self, item) -> None:
+        """Queue an event (or an error) for the consumer (the engine's side)."""
+        self.events.put(item)
+        listener = self.listener
+        if listener is not None:
+            listener()
 
     def cancel(self) -> None:
         """Stop this request (its other choices too) at the engine's next step."""
@@ -309,17 +345,24 @@ class _Sequence:
         self.greedy = req.sampling.temp == 0 and req.sampler is None
         self.sampler = req.sampler
         self.key = key
+        s = req.sampling
         self.processors: List[LogitsProcessor] = make_logits_processors(
-            len(self.prompt), req.sampling.presence_penalty, req.sampling.repetition_penalty,
-            presence_context_size=req.max_tokens,
+            len(self.prompt), s.presence_penalty, s.repetition_penalty, presence_context_size=req.max_tokens,
+            frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias, vocab_size=engine.vocab_size,
         ) + list(req.logits_processors or [])  # fmt: skip
+        # The grammar comes last: it masks what the other processors left.
+        self.constraint = req.grammar.constraint(len(self.prompt)) if req.grammar is not None else None
+        if self.constraint is not None:
+            self.processors.append(self.constraint)
+        self.top_logprobs = req.logprobs
         self.history: Optional[mx.array] = None  # prompt + generated, for the processors
         self.fed: List[int] = []  # tokens the model state holds
         self.done = 0  # prompt tokens prefilled (one-row cache)
         self.cached = 0
         self.generated: List[int] = []
         self.pending_seen = False  # the row's pending token is already emitted (or is the prompt's last)
-        self.detokenizer = engine.tokenizer.detokenizer
+        self.detokenizer = (NaiveStreamingDetokenizer(engine.tokenizer) if req.exact_text
+                            else engine.tokenizer.detokenizer)  # fmt: skip
         self.text_held = ""
         self.stops = [s for s in req.stop if s]
         self.eos = engine.eos
@@ -383,7 +426,10 @@ class _Sequence:
 
     def put(self, token, text, logprobs, from_draft, finish: Optional[FinishReason]) -> None:
         stats = self.stats(finish) if finish else None
-        self.handle.events.put(TokenEvent(self.index, token, text, logprobs, from_draft, finish, stats))
+        event = TokenEvent(self.index, token, text, logprobs, from_draft, finish, stats)
+        if self.top_logprobs is not None and token is not None and logprobs is not None:
+            event.token_logprob, event.top_logprobs = token_logprobs(logprobs, token, self.top_logprobs)
+        self.handle.push(event)
         if finish:
             self.handle.engine.observer.finished(stats, finish)
 
@@ -445,6 +491,7 @@ class BatchEngine:
             raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
         self.model = model
         self.tokenizer = tokenizer
+        self.vocab_size = model.config.vocab_size
         self.eos = set(tokenizer.eos_token_ids)
         self.max_batch = max_batch
         self.max_waiting = max_waiting
@@ -489,6 +536,9 @@ class BatchEngine:
             )
         if request.mtp and not speculative.mtp_available(self.model):
             raise ValueError("this model has no MTP head (no mtp.* tensors; converted without it?); decode without MTP")
+        check_logit_bias(request.sampling.logit_bias, self.vocab_size)
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.logprobs}")
         if request.mtp and request.sampler is not None:
             raise ValueError("MTP decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
         if self._inbox.qsize() + len(self._waiting) >= self.max_waiting:
@@ -596,7 +646,7 @@ class BatchEngine:
             self._waiting.remove(handle)
             stats = SequenceStats(prompt_tokens=len(handle.request.prompt))
             for i in range(handle.request.n):
-                handle.events.put(TokenEvent(i, None, "", finish_reason="cancelled", stats=stats))
+                handle.push(TokenEvent(i, None, "", finish_reason="cancelled", stats=stats))
 
     def _arrivals(self) -> bool:
         return not self._inbox.empty() or bool(self._waiting)
@@ -666,7 +716,7 @@ class BatchEngine:
             try:
                 self._prefilling.extend(self._start(handle))
             except Exception as e:  # a bad cache, ...: this request fails, the others go on
-                handle.events.put(e)
+                handle.push(e)
         if not self._prefilling:
             return
         if self._running and self._pending is not None:
@@ -748,8 +798,7 @@ class BatchEngine:
     def _add_row(self, seq: _Sequence, token: mx.array, logprobs: Optional[mx.array]) -> None:
         self._batch.add(seq.cache)
         self._running.append(seq)
-        vocab = self.model.config.vocab_size
-        lp = logprobs if logprobs is not None else mx.zeros((1, vocab), dtype=mx.float32)
+        lp = logprobs if logprobs is not None else mx.zeros((1, self.vocab_size), dtype=mx.float32)
         if self._pending is None:
             self._pending, self._pending_lp = token, lp
         else:
@@ -765,6 +814,10 @@ class BatchEngine:
         snapshot = [_state_of(c) for c in self._batch]
         try:
             logits = self.model(tokens[:, None], cache=self._batch)[:, -1, :]
+            if any(s.constraint is not None for s in rows):
+                # The grammar masks need the tokens of the last pass on the host: let the
+                # device run this pass meanwhile (the masks are computed during it).
+                mx.async_eval(logits)
             if any(s.processors for s in rows):
                 processed = []
                 for i, s in enumerate(rows):
@@ -842,7 +895,7 @@ class BatchEngine:
         if self._solo is not None:
             handles.add(self._solo.seq.handle)
         for h in handles:
-            h.events.put(error)
+            h.push(error)
         self._running, self._prefilling, self._solo = [], [], None
         self._batch = BatchCache()
         self._pending = self._pending_lp = None
@@ -959,6 +1012,22 @@ class BatchEngine:
         seq.history = mx.array(seq.prompt + seq.generated, dtype=mx.int32) if seq.processors else None
         seq.pending_seen = True  # its last token was emitted already
         self._add_row(seq, mx.array(seq.generated[-1:], dtype=mx.int32), None)
+
+
+def token_logprobs(logprobs: mx.array, token: int, top: int) -> Tuple[float, List[Tuple[int, float]]]:
+    """``token``'s value in ``logprobs`` (``[vocab]`` or ``[1, vocab]``) and the ``top`` best
+    ``(token, logprob)`` pairs, best first (ties: lower id first; tokens at ``-inf`` left out)."""
+    lp = logprobs.reshape(-1).astype(mx.float32)
+    chosen = lp[token]
+    if top == 0:
+        return chosen.item(), []
+    best = mx.argpartition(-lp, top - 1)[:top]
+    values = lp[best]
+    mx.eval(chosen, best, values)
+    # Forbidden tokens (-inf: a grammar, a bias) are no alternatives.
+    pairs = sorted(((t, v) for t, v in zip(best.tolist(), values.tolist()) if v > -math.inf),
+                   key=lambda p: (-p[1], p[0]))  # fmt: skip
+    return chosen.item(), pairs
 
 
 def _state_of(c) -> tuple:

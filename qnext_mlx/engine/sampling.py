@@ -8,13 +8,14 @@ sampler draws from, for speculative decoding's acceptance rule.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
     apply_top_p,
+    make_frequency_penalty,
     make_presence_penalty,
     make_repetition_penalty,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_TOP_P",
     "LogitsProcessor",
     "Sampler",
+    "check_logit_bias",
     "check_sampling",
     "filter_logprobs",
     "make_logits_processors",
@@ -52,6 +54,7 @@ def check_sampling(
     min_p: float,
     presence_penalty: float = 0.0,
     repetition_penalty: Optional[float] = None,
+    frequency_penalty: float = 0.0,
 ) -> None:
     """Raise ValueError (one line) for out-of-range sampling parameters."""
     if not temp >= 0:
@@ -66,6 +69,18 @@ def check_sampling(
         raise ValueError(f"presence_penalty must be in [-2, 2], got {presence_penalty}")
     if repetition_penalty is not None and not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if not -2 <= frequency_penalty <= 2:
+        raise ValueError(f"frequency_penalty must be in [-2, 2], got {frequency_penalty}")
+
+
+def check_logit_bias(logit_bias: Optional[Dict[int, float]], vocab_size: int) -> None:
+    """Raise ValueError (one line) for a bias on a token outside the vocabulary or
+    outside OpenAI's range [-100, 100]."""
+    for token, bias in (logit_bias or {}).items():
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}), got {token}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
 
 
 def make_logits_processors(
@@ -74,12 +89,16 @@ def make_logits_processors(
     repetition_penalty: Optional[float] = None,
     repetition_context_size: int = 20,
     presence_context_size: int = DEFAULT_MAX_TOKENS,
+    frequency_penalty: float = 0.0,
+    logit_bias: Optional[Dict[int, float]] = None,
+    vocab_size: Optional[int] = None,
 ) -> List[LogitsProcessor]:
-    """mlx-lm's penalty processors, fed the right tokens.
+    """mlx-lm's penalty processors, fed the right tokens, and a logit bias.
 
-    The presence penalty (OpenAI semantics, as the model card means it) counts the
-    generated tokens only; the repetition penalty looks at the last
+    The presence and frequency penalties (OpenAI semantics, as the model card means
+    them) count the generated tokens only; the repetition penalty looks at the last
     ``repetition_context_size`` tokens of prompt + generation, as in mlx-lm.
+    ``logit_bias`` (token id -> value added to its logit, OpenAI's) needs ``vocab_size``.
     """
     processors: List[LogitsProcessor] = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
@@ -87,6 +106,15 @@ def make_logits_processors(
     if presence_penalty:
         presence = make_presence_penalty(presence_penalty, presence_context_size)
         processors.append(lambda tokens, logits: presence(tokens[prompt_len:], logits))
+    if frequency_penalty:
+        frequency = make_frequency_penalty(frequency_penalty, presence_context_size)
+        processors.append(lambda tokens, logits: frequency(tokens[prompt_len:], logits))
+    if logit_bias:
+        bias = [0.0] * vocab_size
+        for token, value in logit_bias.items():
+            bias[token] = float(value)
+        bias_row = mx.array(bias, dtype=mx.float32)
+        processors.append(lambda tokens, logits: logits + bias_row.astype(logits.dtype))
     return processors
 
 

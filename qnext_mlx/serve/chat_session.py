@@ -25,7 +25,7 @@ import sys
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -42,6 +42,7 @@ from ..engine.batch import (
     SamplingParams,
     TokenEvent,
 )
+from ..engine.constraint import Grammar, GrammarTokenizer, grammar_tokenizer
 from ..engine.prefix_cache import PrefixCache
 from ..engine.primitives import DEFAULT_PREFILL_STEP_SIZE, generation_stream
 from ..engine.sampling import (
@@ -85,10 +86,13 @@ class SamplingSettings:
     max_tokens: int = DEFAULT_MAX_TOKENS
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[Dict[int, float]] = None
 
     def validate(self) -> None:
         """Raise ValueError (one line) for an out-of-range value."""
-        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.presence_penalty, self.repetition_penalty)
+        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.presence_penalty, self.repetition_penalty,
+                       self.frequency_penalty)  # fmt: skip
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
@@ -101,7 +105,8 @@ class SamplingSettings:
         """The engine's view of these settings."""
         return SamplingParams(temp=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
-                              seed=self.seed)  # fmt: skip
+                              seed=self.seed, frequency_penalty=self.frequency_penalty,
+                              logit_bias=self.logit_bias)  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingSettings":
@@ -204,7 +209,8 @@ class ReplyStats:
 
     ``finish_reason``: "stop", "length", "tool_calls" or "cancelled";
     ``cached_tokens``: prompt tokens reused from the prompt cache (not prefilled);
-    ``context_tokens``: tokens the cache holds afterwards (prompt + reply).
+    ``context_tokens``: tokens the cache holds afterwards (prompt + reply);
+    ``choice``: which of the request's choices ended (``n > 1``).
     """
 
     finish_reason: str
@@ -217,6 +223,18 @@ class ReplyStats:
     context_tokens: int = 0
     max_context: int = 0
     time_to_first_token: float = 0.0
+    choice: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability (requests that ask for ``logprobs``):
+    ``top`` holds the best ``(token id, logprob)`` pairs, best first."""
+
+    choice: int
+    token: int
+    logprob: float
+    top: List[Tuple[int, float]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ engine
@@ -366,16 +384,29 @@ class ChatEngine:
             )
 
     # ........................................................ generation
-    def start(self, prompt: PreparedPrompt, settings: SamplingSettings) -> "ChatReply":
-        """Submit a reply to ``prompt``; raises ValueError for bad settings and
+    def start(self, prompt: PreparedPrompt, settings: SamplingSettings, *, n: int = 1,
+              logprobs: Optional[int] = None, grammar: Optional[Grammar] = None) -> "ChatReply":  # fmt: skip
+        """Submit a reply to ``prompt`` (``n`` choices; ``logprobs``: report per-token
+        log-probabilities with that many alternatives; ``grammar``: structured output);
+        raises ValueError for bad settings and
         :class:`~qnext_mlx.engine.batch.EngineBusyError` when too many requests wait."""
         settings.validate()
         max_tokens = max(1, min(settings.max_tokens, self.max_context - len(prompt.ids)))
         request = GenerationRequest(
             prompt.ids, max_tokens=max_tokens, sampling=settings.sampling_params(), stop=list(settings.stop),
-            checkpoints=prompt.checkpoint_at,
+            checkpoints=prompt.checkpoint_at, n=n, logprobs=logprobs, grammar=grammar, exact_text=prompt.raw,
         )  # fmt: skip
         return ChatReply(self, prompt, self.engine.submit(request))
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The vocabulary for structured outputs (built on first use: about a second at
+        the real vocabulary)."""
+        return grammar_tokenizer(self.tokenizer, self.model.config.vocab_size)
+
+    @property
+    def think_end_id(self) -> Optional[int]:
+        """The ``</think>`` token, or None when the vocabulary has none."""
+        return _token_id(self.tokenizer, "</think>")
 
     def generate(
         self, prompt: PreparedPrompt, settings: SamplingSettings, cancel: Optional[Callable[[], bool]] = None
@@ -417,16 +448,26 @@ class ChatEngine:
 
 
 class ChatReply:
-    """One reply in flight: :meth:`next` gives its :class:`Delta` pieces, then its
-    :class:`ReplyStats`, then :attr:`END`; :meth:`cancel` stops it."""
+    """One reply in flight: :meth:`next` gives its :class:`Delta` pieces (and, when asked
+    for, a :class:`TokenLogprob` before each token's text), then its :class:`ReplyStats`,
+    then :attr:`END`; :meth:`cancel` stops it. With ``n > 1`` choices the items of all
+    choices interleave, each carrying its ``choice``; :attr:`END` follows the last one."""
 
     END = object()
 
     def __init__(self, engine: ChatEngine, prompt: PreparedPrompt, handle: RequestHandle):
         self.engine, self.prompt, self.handle = engine, prompt, handle
-        self.parser = ReplyParser(in_think=prompt.opens_think, parse_tools=prompt.parse_tools, raw=prompt.raw)
-        self._queue: List[Union[Delta, ReplyStats]] = []
+        n = handle.request.n
+        self.parsers = [
+            ReplyParser(in_think=prompt.opens_think, parse_tools=prompt.parse_tools, raw=prompt.raw) for _ in range(n)
+        ]
+        self._queue: List[Union[Delta, ReplyStats, TokenLogprob]] = []
         self._ended = False
+
+    @property
+    def parser(self) -> ReplyParser:
+        """The first choice's parser."""
+        return self.parsers[0]
 
     def cancel(self) -> None:
         self.handle.cancel()
@@ -457,23 +498,32 @@ class ChatReply:
                     return None  # timed out
                 self._ended = True
                 continue
-            self._queue.extend(self.parser.feed(event.text))
+            parser = self.parsers[event.index]
+            if event.token_logprob is not None and event.token not in self.engine.engine.eos:
+                self._queue.append(TokenLogprob(event.index, event.token, event.token_logprob, event.top_logprobs))
+            self._queue.extend(self._tag(parser.feed(event.text), event.index))
             if event.finish_reason is not None:
-                self._queue.extend(self.parser.finish())
+                self._queue.extend(self._tag(parser.finish(), event.index))
                 self._queue.append(self._stats(event))
-                self._ended = True
+                self._ended = self.handle.unfinished == 0
         return self._queue.pop(0)
+
+    @staticmethod
+    def _tag(deltas: List[Delta], choice: int) -> List[Delta]:
+        for d in deltas:
+            d.choice = choice
+        return deltas
 
     def _stats(self, event: TokenEvent) -> ReplyStats:
         s = event.stats
         finish = event.finish_reason
-        if finish == "stop" and self.parser.tool_calls:
+        if finish == "stop" and self.parsers[event.index].tool_calls:
             finish = "tool_calls"
         return ReplyStats(
             finish_reason=finish, prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
             generation_tokens=s.generation_tokens, prompt_tps=s.prompt_tps, generation_tps=s.generation_tps,
             peak_memory=peak_memory_gb(), context_tokens=s.context_tokens, max_context=self.engine.max_context,
-            time_to_first_token=s.time_to_first_token,
+            time_to_first_token=s.time_to_first_token, choice=event.index,
         )  # fmt: skip
 
 

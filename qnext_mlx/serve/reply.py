@@ -43,11 +43,13 @@ class ToolCall:
 
 @dataclass
 class Delta:
-    """A piece of the reply: ``kind`` is "reasoning", "content" or "tool_call"."""
+    """A piece of the reply: ``kind`` is "reasoning", "content" or "tool_call";
+    ``choice``: which of the request's choices it belongs to."""
 
     kind: str
     text: str = ""
     tool_call: Optional[ToolCall] = None
+    choice: int = 0
 
 
 def parse_tool_call(raw: str) -> Optional[ToolCall]:
