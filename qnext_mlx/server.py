@@ -1,6 +1,6 @@
 """``python -m qnext_mlx.server``: the OpenAI-compatible HTTP server.
 
-    python -m qnext_mlx.server [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 8000]
+    python -m qnext_mlx.server [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Endpoints and how the server is put together: :mod:`qnext_mlx.serve.http`.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -25,6 +26,8 @@ from .serve.http import (
     make_server,
 )
 
+API_KEY_ENV = "QNEXT_API_KEY"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
@@ -36,7 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--host",
         default=DEFAULT_HOST,
         help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 opens it "
-        f"to your network, without authentication)",
+        f"to your network: set --api-key then)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' on every request but /health (default: ${API_KEY_ENV}; "
+        "unset: no authentication)",
+    )
+    p.add_argument(
+        "--max-stored-responses",
+        type=ranged(int, 0),
+        default=256,
+        help="/v1/responses kept for previous_response_id (least recently used dropped; default 256)",
     )
     p.add_argument(
         "--port",
@@ -112,22 +127,26 @@ def _run(args) -> int:
         max_queue=args.max_queue,
         max_request_bytes=int(args.max_request_mb * 2**20),
         defaults=defaults,
+        api_key=args.api_key,
+        max_stored_responses=args.max_stored_responses,
     )
     model_id = server.app.model_id = args.model_id or names["model"]
     host, port = server.server_address[:2]
-    if not is_loopback(args.host):
+    if not is_loopback(args.host) and not args.api_key:
         print(
-            f"warning: listening on {args.host}, reachable from other machines; there is no authentication",
+            f"warning: listening on {args.host}, reachable from other machines, without an API key: "
+            f"anyone who can reach it can use it (set --api-key or ${API_KEY_ENV})",
             file=sys.stderr,
         )
     print(f"serving {model_id} at http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
-        server.serve_forever()
+        server.serve_forever()  # uvicorn stops on Ctrl-C, then raises it again here
     except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
+        pass
     finally:
         server.server_close()
         server.app.close()
+    print("stopped", file=sys.stderr)
     return 0
 
 

@@ -123,12 +123,15 @@ class Server:
                    "--max-tokens", str(max_tokens), "--temp", "0", "--log-level", "warning"]  # fmt: skip
             if engine == "baseline":
                 env["PYTHONPATH"] = str(baseline_repo)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # The server's log goes to a file: an unread pipe fills up and blocks the server.
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serving-{engine}-{self.port}.log"
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log_file, text=True,
                                      cwd=str(baseline_repo or REPO))  # fmt: skip
         deadline = time.time() + 600
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{engine} server exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{engine} server exited: {self.log_path.read_text()[-2000:]}")
             try:
                 urllib.request.urlopen(self.url + "/models", timeout=5).read()
                 self.model_id = json.loads(urllib.request.urlopen(self.url + "/models").read())["data"][0]["id"]
@@ -143,6 +146,7 @@ class Server:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log_file.close()
 
 
 # -------------------------------------------------------------------- clients

@@ -1,52 +1,54 @@
-"""OpenAI-compatible HTTP server (its command line is :mod:`qnext_mlx.server`).
+"""OpenAI-compatible HTTP server on FastAPI and uvicorn (its command line is :mod:`qnext_mlx.server`).
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(streaming as server-sent events, with a final usage chunk when
-``stream_options.include_usage`` is set), ``GET /health``, ``GET /metrics`` (Prometheus,
-:mod:`qnext_mlx.serve.metrics`).
+Endpoints (each field, what it does and what it refuses: docs/chat.md):
+
+| endpoint | what |
+| --- | --- |
+| ``POST /v1/chat/completions`` | chat, streamed or not; tools, structured outputs, logprobs, ``n`` |
+| ``POST /v1/completions`` | plain completion of a raw prompt |
+| ``POST /v1/responses`` | the Responses API; ``GET`` / ``DELETE /v1/responses/{id}`` for stored ones |
+| ``GET /v1/models`` | the model, with its context length |
+| ``GET /health`` | liveness and queue state (never needs the key) |
+| ``GET /metrics`` | Prometheus metrics (:mod:`qnext_mlx.serve.metrics`) |
 
 How it is put together:
 
-* Request threads (standard library ``ThreadingHTTPServer``) read and validate the
-  request (:mod:`qnext_mlx.serve.protocol`), format and tokenize the prompt
-  (:class:`~qnext_mlx.serve.chat_session.ChatEngine`), and submit it to the batch
-  engine; when too many requests already wait it is answered 503 at once.
-* One worker thread owns the model (MLX evaluation is not thread-safe) and runs the
-  batch engine's step loop (:class:`~qnext_mlx.engine.batch.BatchEngine`): every
-  running reply decodes in one batch, new prompts are prefilled in chunks between
-  decode steps, and each reply's pieces go to its own queue.
-* The request thread streams those pieces to its client. A client that goes away
-  (a failed write, or a closed socket noticed while waiting) cancels its reply only;
-  the engine checks between prefill chunks and between decode steps, so a long
-  prompt's prefill stops too (a request still waiting is dropped).
-* Prefix reuse: the engine's prefix cache keeps states at the message boundaries
-  of every prompt and the end of every reply, for all requests; a follow-up turn of a
-  conversation only prefills what the template changed or added;
-  ``usage.prompt_tokens_details.cached_tokens`` says how many prompt tokens were reused.
-* Qwen3 tool calls: ``tools`` go into the chat template; ``<tool_call>{...}</tool_call>``
-  spans of the reply become OpenAI ``tool_calls`` (streamed as deltas), and
-  ``role: tool`` messages go back into the template. ``<think>`` spans come back as
-  ``reasoning_content``.
+* uvicorn runs the ASGI app on one event loop. Handlers validate the request
+  (pydantic models, :mod:`qnext_mlx.serve.protocol`), render and tokenize the prompt on a
+  worker thread of the loop's pool, and submit it to the batch engine; when too many
+  requests already wait it is answered 503 at once.
+* One worker thread owns the model (:mod:`qnext_mlx.serve.worker`) and runs the batch
+  engine's step loop: every running reply decodes in one batch, new prompts are
+  prefilled in chunks between decode steps, and each reply's events go to its own queue.
+  The engine wakes the handler's coroutine after each event (``call_soon_threadsafe``).
+* A client that goes away (Starlette notices the disconnect, for streams at once)
+  cancels its reply only; the engine checks between prefill chunks and decode steps.
+* Limits in front of everything (a small ASGI middleware): the API key when one is set
+  (401 otherwise), a ``Content-Length`` is required (411) and bounded (413).
 
-Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, for every
+status (404 and 405 from the router included).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import ipaddress
 import json
 import logging
-import select
 import socket
-import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 
-from ..engine.batch import EngineBusyError, EngineObserver, SequenceStats
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from ..errors import QnextError
 from .chat_session import (
     ChatEngine,
@@ -56,395 +58,237 @@ from .chat_session import (
     PreparedPrompt,
     PromptTooLongError,
     ReplyStats,
-    SamplingSettings,
-    end_mlx_thread,
+    TokenLogprob,
 )
-from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .metrics import CONTENT_TYPE_LATEST
 from .protocol import (
     ApiError,
-    chat_chunk,
-    chat_completion,
-    completion,
-    completion_chunk,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    ModelList,
+    chat_logprobs,
+    chat_message,
+    completion_logprobs,
+    model_card,
     openai_finish_reason,
     parse_chat_request,
     parse_completion_request,
     tool_call_deltas,
-    usage_chunk,
+    usage,
 )
+from .responses import ResponseBuilder, ResponseStore, parse_responses_request
+from .structured import build_grammar
+from .worker import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, Job, ServerApp
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_PORT",
+    "QnextServer",
+    "ServerApp",
+    "create_app",
+    "is_loopback",
+    "make_server",
+    "start_in_thread",
+    "stop_server",
+]
 
 log = logging.getLogger("qnext_mlx.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-DEFAULT_MAX_QUEUE = 16
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 KEEPALIVE_SECONDS = 10.0  # SSE comment while a streamed request waits (queue, prefill)
-_POLL_SECONDS = 0.25
-_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+_POLL_SECONDS = 0.25  # how often a non-streamed request checks that its client is still there
+_KEEPALIVE = object()
+_OPEN_PATHS = ("/health",)  # answered without the API key (load balancers, probes)
 
 
-@dataclass(eq=False)
-class Job:
-    """One request's reply in flight (a :class:`ChatReply` of the batch engine)."""
-
-    reply: ChatReply
-
-    def cancel(self) -> None:
-        self.reply.cancel()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.reply.handle.cancelled
+def _error_response(err: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if err.status == 503 else None
+    if err.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-class ServerStats(EngineObserver):
-    """What the engine reports, for ``/health`` and the tests: finished and cancelled
-    replies, the last one's stats; chained to another observer (the metrics)."""
-
-    def __init__(self, inner: Optional[EngineObserver] = None):
-        self.inner = inner or EngineObserver()
-        self.completed = 0
-        self.cancelled = 0
-        self.last_stats: Optional[ReplyStats] = None
-
-    def request_queued(self, prompt_tokens: int) -> None:
-        self.inner.request_queued(prompt_tokens)
-
-    def prefix_reused(self, tokens: int) -> None:
-        self.inner.prefix_reused(tokens)
-
-    def first_token(self, seconds: float) -> None:
-        self.inner.first_token(seconds)
-
-    def inter_token(self, seconds: float) -> None:
-        self.inner.inter_token(seconds)
-
-    def step(self, running: int, waiting: int) -> None:
-        self.inner.step(running, waiting)
-
-    def finished(self, stats: SequenceStats, reason: str) -> None:
-        self.last_stats = ReplyStats(
-            finish_reason=reason, prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
-            generation_tokens=stats.generation_tokens, prompt_tps=stats.prompt_tps,
-            generation_tps=stats.generation_tps, context_tokens=stats.context_tokens,
-            time_to_first_token=stats.time_to_first_token,
-        )  # fmt: skip
-        self.cancelled += reason == "cancelled"
-        self.completed += 1
-        self.inner.finished(stats, reason)
+def _sse(obj: Union[dict, str], event: Optional[str] = None) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {data}\n\n".encode()
 
 
-class Worker(threading.Thread):
-    """The model thread: loads the model, then runs the batch engine's step loop.
-
-    MLX arrays are bound to the thread that built them (a lazily loaded weight
-    cannot be evaluated on another thread), so the model is loaded here too:
-    ``load_engine()`` runs on this thread and returns the :class:`ChatEngine`.
-    Request threads submit to the engine and read their replies' events; the engine
-    decodes all running replies in one batch.
-    """
-
-    def __init__(self, load_engine: Callable[[], ChatEngine], max_queue: int = DEFAULT_MAX_QUEUE,
-                 metrics: Optional[ServerMetrics] = None):  # fmt: skip
-        super().__init__(name="qnext-mlx-worker", daemon=True)
-        self._load_engine = load_engine
-        self.max_queue = max_queue
-        self.metrics = metrics or ServerMetrics()
-        self.engine: Optional[ChatEngine] = None
-        self.load_error: Optional[BaseException] = None
-        self.ready = threading.Event()
-        self._stop_event = threading.Event()
-        self.stats = ServerStats(self.metrics)
-        self.in_flight: List[Job] = []
-        self._lock = threading.Lock()
-
-    @property
-    def busy(self) -> bool:
-        """Something is being prefilled, decoded or waits for it."""
-        batch = self.engine.engine
-        return bool(batch.num_running or batch.num_waiting)
-
-    @property
-    def waiting(self) -> int:
-        return self.engine.engine.num_waiting
-
-    @property
-    def completed(self) -> int:
-        return self.stats.completed
-
-    @property
-    def cancelled(self) -> int:
-        return self.stats.cancelled
-
-    @property
-    def last_stats(self) -> Optional[ReplyStats]:
-        return self.stats.last_stats
-
-    def submit(self, prompt: PreparedPrompt, settings: SamplingSettings) -> Job:
-        """Start a reply; raises :class:`ApiError` 503 when the queue is full."""
-        try:
-            job = Job(self.engine.start(prompt, settings))
-        except EngineBusyError:
-            raise ApiError(
-                503,
-                f"the server is busy ({self.max_queue} requests waiting); retry later",
-                type="server_error",
-                code="server_busy",
-            ) from None
-        with self._lock:
-            self.in_flight = [j for j in self.in_flight if j.reply.handle.unfinished] + [job]
-        return job
-
-    def stop(self) -> None:
-        """Stop the engine after its current step (running replies are cancelled)."""
-        with self._lock:
-            for job in self.in_flight:
-                job.cancel()
-        self._stop_event.set()
-        if self.engine is not None:
-            self.engine.engine.wake()
-
-    def run(self) -> None:
-        try:
-            try:
-                self.engine = self._load_engine()
-                batch = self.engine.engine
-                batch.max_waiting = self.max_queue
-                batch.observer = self.stats
-                batch.threaded = True  # request threads wait for events from here on
-            except BaseException as e:  # reported by ServerApp on the starting thread
-                self.load_error = e
-                return
-            finally:
-                self.ready.set()
-            self.engine.engine.run(self._stop_event)
-        finally:
-            end_mlx_thread()
+def _dump(model) -> dict:
+    return model.model_dump(mode="json")
 
 
-class ServerApp:
-    """Model worker and limits shared by all request handlers.
+# ------------------------------------------------------------ middleware
+class Limits:
+    """ASGI middleware in front of the app: the API key, and the request-body limits
+    (``Content-Length`` required on POST, at most ``max_request_bytes``)."""
 
-    ``load_engine`` runs on the worker thread (see :class:`Worker`); the constructor
-    waits for it and re-raises its error here.
-    """
-
-    def __init__(
-        self,
-        load_engine: Callable[[], ChatEngine],
-        model_id: str,
-        *,
-        max_queue: int = DEFAULT_MAX_QUEUE,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        defaults: Optional[SamplingSettings] = None,
-    ):
-        self.model_id = model_id
-        self.max_request_bytes = max_request_bytes
-        self.defaults = defaults or SamplingSettings()
-        self.created = int(time.time())
-        self.worker = Worker(load_engine, max_queue)
-        self.worker.start()
-        self.worker.ready.wait()
-        if self.worker.load_error is not None:
-            self.worker.join()  # it ends its MLX streams first; exiting before that can abort
-            raise self.worker.load_error
-        self.engine: ChatEngine = self.worker.engine
-
-    def close(self, join: bool = True) -> None:
-        """Stop the worker after its current token or prefill chunk; ``join`` waits for it to end."""
-        self.worker.stop()
-        if join and self.worker.is_alive() and self.worker is not threading.current_thread():
-            self.worker.join()
-
-
-class QnextHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    # Connections that may wait to be accepted (socketserver's default of 5 refuses a
-    # burst of clients; found by the soak test).
-    request_queue_size = 256
-
-    def __init__(self, address, app: Optional[ServerApp]):
+    def __init__(self, app, server: ServerApp):
         self.app = app
-        super().__init__(address, Handler)
+        self.server = server
 
-    def handle_error(self, request, client_address) -> None:
-        """A client that resets its connection is not a server error (no traceback)."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, _CLIENT_GONE + (ConnectionError,)):
-            log.debug("connection from %s closed: %s", client_address, exc)
-            return
-        log.exception("error while handling a request from %s", client_address)
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"].rstrip("/") or "/"
+        err = self._check(scope["method"], path, headers)
+        if err is not None:
+            response = _error_response(err)
+            response.headers["Connection"] = "close"  # the body (if any) stays unread
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
-
-class Handler(BaseHTTPRequestHandler):
-    """One HTTP connection (HTTP/1.1 keep-alive for JSON answers; streams close the connection)."""
-
-    server: QnextHTTPServer
-    protocol_version = "HTTP/1.1"
-    timeout = 120  # seconds a client may stall while sending its request or reading ours
-    server_version = "qnext-mlx"
-
-    @property
-    def app(self) -> ServerApp:
-        return self.server.app
-
-    def log_message(self, format: str, *args) -> None:  # route http.server's lines to logging
-        log.info("%s %s", self.address_string(), format % args)
-
-    # ------------------------------------------------------------ answers
-    def _send_json(self, status: int, body: dict, extra_headers: Sequence = ()) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in extra_headers:
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, err: ApiError) -> None:
-        headers = [("Retry-After", "1")] if err.status == 503 else []
-        try:
-            self._send_json(err.status, err.body(), headers)
-        except _CLIENT_GONE:
-            pass
-
-    def _start_stream(self) -> None:
-        self.close_connection = True  # the end of the stream is the end of the connection
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-
-    def _send_event(self, obj: Union[dict, str]) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-        self.wfile.write(f"data: {data}\n\n".encode())
-
-    def _peer_closed(self) -> bool:
-        """True when the client has closed its side (EOF waiting on the socket)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    # ----------------------------------------------------------- routing
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if path in ("/v1/models", "/models"):
-            self._send_json(200, {"object": "list", "data": [self._model_card()]})
-        elif path.startswith("/v1/models/"):
-            name = path[len("/v1/models/") :]
-            if name == self.app.model_id:
-                self._send_json(200, self._model_card())
-            else:
-                self._send_error(
-                    ApiError(
-                        404,
-                        f"the model '{name}' does not exist; this server has '{self.app.model_id}'",
-                        param="model",
-                        code="model_not_found",
-                    )
-                )
-        elif path == "/metrics":
-            self._send_bytes(200, self.app.worker.metrics.render(), CONTENT_TYPE_LATEST)
-        elif path == "/health":
-            w = self.app.worker
-            self._send_json(
-                200,
-                {
-                    "status": "ok",
-                    "model": self.app.model_id,
-                    "queued": w.waiting,
-                    "running": w.engine.engine.num_running,
-                    "busy": w.busy,
-                    "completed": w.completed,
-                },
-            )
-        else:
-            self._send_error(ApiError(404, f"no such endpoint: GET {path}", code="not_found"))
-
-    def _model_card(self) -> dict:
-        return {
-            "id": self.app.model_id,
-            "object": "model",
-            "created": self.app.created,
-            "owned_by": "qnext-mlx",
-            "max_model_len": self.app.engine.max_context,
-        }
-
-    def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
-        routes = {
-            "/v1/chat/completions": self._chat,
-            "/chat/completions": self._chat,
-            "/v1/completions": self._completion,
-            "/completions": self._completion,
-        }
-        try:
-            route = routes.get(path)
-            if route is None:
-                self.close_connection = True  # the body is not read
-                raise ApiError(404, f"no such endpoint: POST {path}", code="not_found")
-            route(self._read_json())
-        except ApiError as e:
-            self._send_error(e)
-        except _CLIENT_GONE:
-            self.close_connection = True
-        except Exception:
-            log.exception("request failed")
-            self.close_connection = True
-            self._send_error(ApiError(500, "internal server error (see the server log)", type="server_error"))
-
-    def _method_not_allowed(self) -> None:
-        self.close_connection = True
-        self._send_error(ApiError(405, f"method {self.command} is not allowed here", code="method_not_allowed"))
-
-    do_PUT = do_DELETE = do_PATCH = _method_not_allowed
-
-    def _read_json(self) -> Any:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise ApiError(411, "send the request with a Content-Length (chunked bodies are not accepted)")
-        length = self.headers.get("Content-Length")
+    def _check(self, method: str, path: str, headers: Dict[str, str]) -> Optional[ApiError]:
+        key = self.server.api_key
+        if key is not None and path not in _OPEN_PATHS:
+            given = headers.get("authorization", "")
+            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                what = "no API key was given" if not given else "the API key is not valid"
+                return ApiError(401, f"{what}: send 'Authorization: Bearer <key>' with the server's key "
+                                "(--api-key or QNEXT_API_KEY)", code="invalid_api_key")  # fmt: skip
+        if method != "POST":
+            return None
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return ApiError(411, "send the request with a Content-Length (chunked bodies are not accepted)")
+        length = headers.get("content-length")
         try:
             n = int(length)
             if n < 0:
                 raise ValueError
         except (TypeError, ValueError):
-            self.close_connection = True
-            raise ApiError(411 if length is None else 400, "a valid Content-Length header is required") from None
-        if n > self.app.max_request_bytes:
-            self.close_connection = True  # the body stays unread
-            raise ApiError(
-                413,
-                f"the request body has {n} bytes; the limit is {self.app.max_request_bytes} "
-                f"(server option --max-request-mb)",
-                code="request_too_large",
-            )
-        raw = self.rfile.read(n)
-        if len(raw) < n:
-            self.close_connection = True
-            raise ApiError(400, "the request body ended early")
+            return ApiError(411 if length is None else 400, "a valid Content-Length header is required")
+        if n > self.server.max_request_bytes:
+            return ApiError(413, f"the request body has {n} bytes; the limit is {self.server.max_request_bytes} "
+                            "(server option --max-request-mb)", code="request_too_large")  # fmt: skip
+        return None
+
+
+# ------------------------------------------------------------------ replies
+async def reply_items(job: Job, request: Request, stream: bool) -> AsyncIterator[Any]:
+    """The job's reply items as they come (and :data:`_KEEPALIVE` marks while a stream
+    waits long); cancels the reply when the consumer stops early or the client leaves."""
+    reply = job.reply
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    def notify() -> None:  # on the engine's thread
+        try:
+            loop.call_soon_threadsafe(wake.set)
+        except RuntimeError:  # the loop has closed (server shutting down)
+            pass
+
+    reply.handle.listener = notify
+    last = time.monotonic()
+    finished = False
+    try:
+        while True:
+            wake.clear()  # before draining: an event pushed from here on sets it again
+            while True:
+                item = reply.next(timeout=0)
+                if item is None:
+                    break
+                if item is ChatReply.END:
+                    finished = True
+                    return
+                last = time.monotonic()
+                yield item
+            try:
+                await asyncio.wait_for(wake.wait(), KEEPALIVE_SECONDS if stream else _POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if stream and time.monotonic() - last >= KEEPALIVE_SECONDS:
+                    last = time.monotonic()
+                    yield _KEEPALIVE
+                elif not stream and await request.is_disconnected():
+                    log.info("client went away; generation stopped")
+                    return
+    finally:
+        reply.handle.listener = None
+        if not finished:
+            job.cancel()
+
+
+def _log_stats(stats: ReplyStats) -> None:
+    log.info("prompt %d tokens (%d cached, %.1f tok/s), generated %d tokens (%.1f tok/s), %s",
+             stats.prompt_tokens, stats.cached_tokens, stats.prompt_tps, stats.generation_tokens,
+             stats.generation_tps, stats.finish_reason)  # fmt: skip
+
+
+class _Choice:
+    """What one choice of a non-streamed reply collected."""
+
+    def __init__(self):
+        self.content: List[str] = []
+        self.reasoning: List[str] = []
+        self.calls: list = []
+        self.logprobs: List[TokenLogprob] = []
+        self.stats: Optional[ReplyStats] = None
+
+
+async def _collect(job: Job, request: Request, n: int) -> Optional[List[_Choice]]:
+    """All choices of a non-streamed reply; None when the client left."""
+    choices = [_Choice() for _ in range(n)]
+    async for item in reply_items(job, request, stream=False):
+        if isinstance(item, ReplyStats):
+            choices[item.choice].stats = item
+            _log_stats(item)
+        elif isinstance(item, TokenLogprob):
+            choices[item.choice].logprobs.append(item)
+        elif isinstance(item, Delta):
+            c = choices[item.choice]
+            if item.kind == "tool_call":
+                c.calls.append(item.tool_call)
+            else:
+                (c.reasoning if item.kind == "reasoning" else c.content).append(item.text)
+    if any(c.stats is None for c in choices):
+        return None
+    return choices
+
+
+# -------------------------------------------------------------------- app
+def create_app(server: ServerApp) -> FastAPI:
+    """The ASGI app of ``server`` (its engine, limits, key and response store)."""
+    app = FastAPI(title="qnext-mlx", docs_url=None, redoc_url=None, openapi_url=None)
+    store = ResponseStore(server.max_stored_responses)
+    app.state.responses = store
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        what = {404: f"no such endpoint: {request.method} {request.url.path}",
+                405: f"method {request.method} is not allowed here"}.get(exc.status_code, str(exc.detail))  # fmt: skip
+        return _error_response(ApiError(exc.status_code, what, code=code))
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception):
+        log.error("request failed", exc_info=exc)
+        return _error_response(ApiError(500, "internal server error (see the server log)", type="server_error"))
+
+    engine: ChatEngine = server.engine
+
+    def token_text(token: int) -> str:
+        return engine.tokenizer.decode([token])
+
+    async def read_json(request: Request) -> Any:
+        raw = await request.body()
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
-    # ---------------------------------------------------------- handlers
-    def _prepare(self, fn, *args) -> PreparedPrompt:
+    def prepare(fn: Callable[..., PreparedPrompt], *args) -> PreparedPrompt:
         try:
             return fn(*args)
         except PromptTooLongError as e:
@@ -452,175 +296,334 @@ class Handler(BaseHTTPRequestHandler):
         except ChatError as e:
             raise ApiError(400, str(e)) from None
 
-    def _submit(self, prompt: PreparedPrompt, settings: SamplingSettings) -> Job:
-        try:
-            return self.app.worker.submit(prompt, settings)
-        except ValueError as e:  # settings the engine refused
-            raise ApiError(400, str(e)) from None
+    # ........................................................ metadata
+    @app.get("/health")
+    async def health():
+        w = server.worker
+        return {"status": "ok", "model": server.model_id, "queued": w.waiting, "running": w.engine.engine.num_running,
+                "busy": w.busy, "completed": w.completed}  # fmt: skip
 
-    def _events(self, job: Job, stream: bool):
-        """The job's items as they come; notices a client that leaves meanwhile."""
-        last_write = time.monotonic()
-        while True:
-            item = job.reply.next(timeout=_POLL_SECONDS)
-            if item is None:
-                if self._peer_closed():
-                    job.cancel()
-                    raise ConnectionAbortedError("client closed the connection")
-                if stream and time.monotonic() - last_write > KEEPALIVE_SECONDS:
-                    self.wfile.write(b": keepalive\n\n")
-                    last_write = time.monotonic()
-                continue
-            if item is ChatReply.END:
-                return
-            last_write = time.monotonic()
-            yield item
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def _run(self, job: Job, stream: bool, on_item) -> Optional[ReplyStats]:
-        """Feed the job's items to ``on_item``; cancel the job if the client goes away."""
-        stats = None
-        try:
-            for item in self._events(job, stream):
-                if isinstance(item, ReplyStats):
-                    stats = item
-                on_item(item)
-        except _CLIENT_GONE:
-            job.cancel()
-            self.close_connection = True
-            log.info("client went away; generation stopped")
-            return None
-        except ValueError as e:  # settings the engine refused
-            raise ApiError(400, str(e)) from None
-        finally:
-            if stats is None:
-                job.cancel()
-        log.info(
-            "prompt %d tokens (%d cached, %.1f tok/s), generated %d tokens (%.1f tok/s), %s",
-            stats.prompt_tokens,
-            stats.cached_tokens,
-            stats.prompt_tps,
-            stats.generation_tokens,
-            stats.generation_tps,
-            stats.finish_reason,
-        )
-        return stats
+    def card():
+        return model_card(server.model_id, server.created, engine.max_context)
 
-    def _stream_error(self, e: Exception) -> None:
-        err = (
-            e
-            if isinstance(e, ApiError)
-            else ApiError(500, "generation failed (see the server log)", type="server_error")
-        )
-        try:
-            self._send_event(err.body())
-            self._send_event("[DONE]")
-        except _CLIENT_GONE:
-            pass
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models():
+        return _dump(ModelList(data=[card()]))
 
-    def _chat(self, body: Any) -> None:
-        req = parse_chat_request(body, self.app.defaults)
-        prompt = self._prepare(
-            self.app.engine.prepare, req.messages, req.tools or None, req.template_kwargs, req.parse_tools
-        )
-        job = self._submit(prompt, req.settings)
-        rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.app.model_id
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != server.model_id:
+            raise ApiError(404, f"the model '{name}' does not exist; this server has '{server.model_id}'",
+                           param="model", code="model_not_found")  # fmt: skip
+        return _dump(card())
+
+    # ............................................................ chat
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat(request: Request):
+        req = parse_chat_request(await read_json(request), server.defaults)
+
+        def build():
+            prompt = prepare(engine.prepare, req.messages, req.tools or None, req.template_kwargs, req.parse_tools)
+            return prompt, build_grammar(engine, req.structured, prompt.opens_think)
+
+        prompt, grammar = await run_in_threadpool(build)
+        job = server.worker.submit(prompt, req.settings, n=req.n, logprobs=req.logprobs, grammar=grammar)
+        rid, created, model_id = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), server.model_id
         if not req.stream:
-            parts = {"content": [], "reasoning": []}
-            calls = []
+            choices = await _collect(job, request, req.n)
+            if choices is None:
+                return Response(status_code=499)
+            out = []
+            for i, c in enumerate(choices):
+                calls = c.calls if req.parallel_tool_calls else c.calls[:1]
+                out.append(ChatChoice(
+                    index=i, message=chat_message("".join(c.content), "".join(c.reasoning), calls),
+                    logprobs=chat_logprobs(c.logprobs, token_text) if req.logprobs is not None else None,
+                    finish_reason=openai_finish_reason(c.stats.finish_reason),
+                ))  # fmt: skip
+            body = ChatCompletion(id=rid, created=created, model=model_id, choices=out,
+                                  usage=usage([c.stats for c in choices]))  # fmt: skip
+            return JSONResponse(_dump(body))
 
-            def collect(item):
-                if isinstance(item, Delta):
-                    if item.kind == "tool_call":
-                        calls.append(item.tool_call)
-                    else:
-                        parts[item.kind].append(item.text)
+        def chunk(index: int, delta: dict, finish: Optional[str] = None, logprobs=None) -> bytes:
+            c = ChatCompletionChunk(id=rid, created=created, model=model_id,
+                                    choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                                         logprobs=logprobs)])  # fmt: skip
+            return _sse(_dump(c))
 
-            stats = self._run(job, False, collect)
-            if stats is not None:
-                self._send_json(
-                    200,
-                    chat_completion(
-                        rid, created, model, "".join(parts["content"]), "".join(parts["reasoning"]), calls, stats
-                    ),
-                )
-            return
+        async def events():
+            stats: List[Optional[ReplyStats]] = [None] * req.n
+            calls = [0] * req.n
+            pending: List[List[TokenLogprob]] = [[] for _ in range(req.n)]
 
-        self._start_stream()
-        self._send_event(chat_chunk(rid, created, model, {"role": "assistant", "content": ""}))
-        n_calls = 0
+            def take_logprobs(i: int):
+                if req.logprobs is None:
+                    return None
+                items, pending[i] = pending[i], []
+                return chat_logprobs(items, token_text)
 
-        def send(item):
-            nonlocal n_calls
-            if isinstance(item, ReplyStats):
-                self._send_event(chat_chunk(rid, created, model, {}, openai_finish_reason(item.finish_reason)))
-                if req.include_usage:
-                    self._send_event(usage_chunk(rid, created, model, "chat.completion.chunk", item))
-                self._send_event("[DONE]")
-            elif item.kind == "tool_call":
-                for delta in tool_call_deltas(n_calls, item.tool_call):
-                    self._send_event(chat_chunk(rid, created, model, delta))
-                n_calls += 1
-            else:
-                key = "reasoning_content" if item.kind == "reasoning" else "content"
-                self._send_event(chat_chunk(rid, created, model, {key: item.text}))
+            for i in range(req.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            try:
+                async for item in reply_items(job, request, stream=True):
+                    if item is _KEEPALIVE:
+                        yield b": keepalive\n\n"
+                    elif isinstance(item, TokenLogprob):
+                        pending[item.choice].append(item)
+                    elif isinstance(item, ReplyStats):
+                        stats[item.choice] = item
+                        _log_stats(item)
+                        yield chunk(item.choice, {}, openai_finish_reason(item.finish_reason),
+                                    take_logprobs(item.choice))  # fmt: skip
+                    elif item.kind == "tool_call":
+                        if not req.parallel_tool_calls and calls[item.choice]:
+                            continue
+                        for delta in tool_call_deltas(calls[item.choice], item.tool_call):
+                            yield chunk(item.choice, delta)
+                        calls[item.choice] += 1
+                    elif item.text:
+                        key = "reasoning_content" if item.kind == "reasoning" else "content"
+                        yield chunk(item.choice, {key: item.text}, None, take_logprobs(item.choice))
+                if req.include_usage and all(stats):
+                    u = ChatCompletionChunk(id=rid, created=created, model=model_id, choices=[], usage=usage(stats))
+                    yield _sse(_dump(u))
+                yield _sse("[DONE]")
+            except Exception as e:  # after the 200 header: report it in the stream
+                yield _stream_error(e)
 
-        try:
-            self._run(job, True, send)
-        except Exception as e:  # after the 200 header: report it in the stream
-            self._stream_error(e)
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def _completion(self, body: Any) -> None:
-        req = parse_completion_request(body, self.app.defaults)
-        prompt = self._prepare(self.app.engine.prepare_text, req.prompt)
-        job = self._submit(prompt, req.settings)
-        rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.app.model_id
+    # ...................................................... completions
+    @app.post("/v1/completions")
+    @app.post("/completions")
+    async def completions(request: Request):
+        req = parse_completion_request(await read_json(request), server.defaults)
+        prompt = await run_in_threadpool(prepare, engine.prepare_text, req.prompt)
+        job = server.worker.submit(prompt, req.settings, n=req.n, logprobs=req.logprobs)
+        rid, created, model_id = f"cmpl-{uuid.uuid4().hex}", int(time.time()), server.model_id
         # Plain completion: the text as generated, think and tool tags included (raw prompt).
         if not req.stream:
-            text: List[str] = []
+            choices = await _collect(job, request, req.n)
+            if choices is None:
+                return Response(status_code=499)
+            out = [
+                CompletionChoice(
+                    index=i, text="".join(c.content), finish_reason=openai_finish_reason(c.stats.finish_reason),
+                    logprobs=completion_logprobs(c.logprobs, token_text) if req.logprobs is not None else None,
+                )
+                for i, c in enumerate(choices)
+            ]  # fmt: skip
+            body = Completion(id=rid, created=created, model=model_id, choices=out,
+                              usage=usage([c.stats for c in choices]))  # fmt: skip
+            return JSONResponse(_dump(body))
 
-            def collect(item):
-                if isinstance(item, Delta):
-                    text.append(item.text)
+        def chunk(index: int, text: str, finish: Optional[str] = None, logprobs=None) -> bytes:
+            c = Completion(
+                id=rid,
+                created=created,
+                model=model_id,
+                choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)],
+            )
+            return _sse(_dump(c))
 
-            stats = self._run(job, False, collect)
-            if stats is not None:
-                self._send_json(200, completion(rid, created, model, "".join(text), stats))
-            return
+        async def events():
+            stats: List[Optional[ReplyStats]] = [None] * req.n
+            pending: List[List[TokenLogprob]] = [[] for _ in range(req.n)]
+            offsets = [0] * req.n
 
-        self._start_stream()
+            def take_logprobs(i: int):
+                if req.logprobs is None:
+                    return None
+                items, pending[i] = pending[i], []
+                out = completion_logprobs(items, token_text, offsets[i])
+                offsets[i] += sum(len(t) for t in out["tokens"])
+                return out
 
-        def send(item):
-            if isinstance(item, ReplyStats):
-                self._send_event(completion_chunk(rid, created, model, "", openai_finish_reason(item.finish_reason)))
-                if req.include_usage:
-                    self._send_event(usage_chunk(rid, created, model, "text_completion", item))
-                self._send_event("[DONE]")
-            elif item.text:
-                self._send_event(completion_chunk(rid, created, model, item.text))
+            try:
+                async for item in reply_items(job, request, stream=True):
+                    if item is _KEEPALIVE:
+                        yield b": keepalive\n\n"
+                    elif isinstance(item, TokenLogprob):
+                        pending[item.choice].append(item)
+                    elif isinstance(item, ReplyStats):
+                        stats[item.choice] = item
+                        _log_stats(item)
+                        yield chunk(item.choice, "", openai_finish_reason(item.finish_reason),
+                                    take_logprobs(item.choice))  # fmt: skip
+                    elif item.text:
+                        yield chunk(item.choice, item.text, None, take_logprobs(item.choice))
+                if req.include_usage and all(stats):
+                    u = Completion(id=rid, created=created, model=model_id, choices=[], usage=usage(stats))
+                    yield _sse(_dump(u))
+                yield _sse("[DONE]")
+            except Exception as e:
+                yield _stream_error(e)
 
-        try:
-            self._run(job, True, send)
-        except Exception as e:
-            self._stream_error(e)
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ......................................................... responses
+    @app.post("/v1/responses")
+    @app.post("/responses")
+    async def responses(request: Request):
+        call = parse_responses_request(await read_json(request), store, server.defaults)
+
+        def build():
+            prompt = prepare(engine.prepare, call.messages, call.tools or None, None, call.parse_tools)
+            return prompt, build_grammar(engine, call.structured, prompt.opens_think)
+
+        prompt, grammar = await run_in_threadpool(build)
+        job = server.worker.submit(prompt, call.settings, grammar=grammar)
+
+        def count_tokens(text: str) -> int:
+            return len(engine.tokenizer.encode(text, add_special_tokens=False))
+
+        builder = ResponseBuilder(call, server.model_id, count_tokens)
+
+        def keep(response: dict) -> None:
+            if call.request.store is not False:
+                store.put(response, builder.conversation())
+
+        if not call.request.stream:
+            stats = None
+            async for item in reply_items(job, request, stream=False):
+                if isinstance(item, ReplyStats):
+                    stats = item
+                    _log_stats(item)
+                else:
+                    builder.feed(item)
+            if stats is None:
+                return Response(status_code=499)
+            builder.finish(stats)
+            response = builder.response(builder.status)
+            keep(response)
+            return JSONResponse(response)
+
+        async def events():
+            for e in builder.start():
+                yield _sse(e, e["type"])
+            try:
+                async for item in reply_items(job, request, stream=True):
+                    if item is _KEEPALIVE:
+                        yield b": keepalive\n\n"
+                        continue
+                    if isinstance(item, ReplyStats):
+                        _log_stats(item)
+                        done = builder.finish(item)
+                        keep(done[-1]["response"])
+                    else:
+                        done = builder.feed(item)
+                    for e in done:
+                        yield _sse(e, e["type"])
+            except Exception as e:
+                err = _as_api_error(e)
+                yield _sse({"type": "error", "sequence_number": builder.sequence, "code": err.code,
+                            "message": err.message, "param": err.param}, "error")  # fmt: skip
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        found = store.get(response_id)
+        if found is None:
+            raise ApiError(404, f"no stored response with id '{response_id}'", code="not_found")
+        return found[0]
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        if not store.delete(response_id):
+            raise ApiError(404, f"no stored response with id '{response_id}'", code="not_found")
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    return Limits(app, server)
+
+
+def _as_api_error(e: Exception) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    log.error("generation failed", exc_info=e)
+    return ApiError(500, "generation failed (see the server log)", type="server_error")
+
+
+def _stream_error(e: Exception) -> bytes:
+    return _sse(_as_api_error(e).body()) + _sse("[DONE]")
 
 
 # ------------------------------------------------------------------ running
+class QnextServer:
+    """A listening server: uvicorn on a socket bound before the model loads, the
+    :class:`ServerApp` behind it. ``server_address`` is ``(host, port)``."""
+
+    def __init__(self, sock: socket.socket, app: Optional[ServerApp] = None):
+        self.socket = sock
+        self.server_address = sock.getsockname()[:2]
+        self.app: Optional[ServerApp] = app
+        self._uvicorn: Optional[uvicorn.Server] = None
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown` (or Ctrl-C on the main thread: KeyboardInterrupt)."""
+        config = uvicorn.Config(create_app(self.app), log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=3, ws="none", backlog=256)  # fmt: skip
+        self._uvicorn = uvicorn.Server(config)
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serving (running replies are cancelled first) and wait for it."""
+        if self.app is not None:
+            self.app.worker.stop()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+            self._stopped.wait(30)
+
+    def wait_started(self, timeout: float = 30.0) -> bool:
+        """Block until uvicorn accepts connections (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._uvicorn is not None and self._uvicorn.started:
+                return True
+            if self._stopped.is_set():
+                return False
+            time.sleep(0.01)
+        return False
+
+    def server_close(self) -> None:
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+
+
 def make_server(
     load_engine: Callable[[], ChatEngine],
     model_id: str,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     **app_kwargs,
-) -> QnextHTTPServer:
+) -> QnextServer:
     """A listening server (not yet serving: call ``serve_forever()``); ``port=0`` picks a free port.
 
     ``load_engine()`` builds the :class:`ChatEngine` (loads the model); it runs on the
-    worker thread, which owns the model from then on.
+    worker thread, which owns the model from then on. ``app_kwargs`` go to :class:`ServerApp`.
     """
     try:  # listen first: a busy port fails before a long model load
-        server = QnextHTTPServer((host, port), None)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(256)
+        sock.set_inheritable(True)
     except OSError as e:
         raise QnextError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    server = QnextServer(sock)
     try:
         server.app = ServerApp(load_engine, model_id, **app_kwargs)
     except BaseException:
@@ -631,15 +634,17 @@ def make_server(
 
 def start_in_thread(
     load_engine: Callable[[], ChatEngine], model_id: str, host: str = DEFAULT_HOST, port: int = 0, **app_kwargs
-) -> QnextHTTPServer:
+) -> QnextServer:
     """Start a server on a background thread (for tests and embedding); stop it with
     :func:`stop_server`. Its address is ``server.server_address``."""
     server = make_server(load_engine, model_id, host, port, **app_kwargs)
-    threading.Thread(target=server.serve_forever, name="qnext-mlx-http", daemon=True).start()
+    thread = threading.Thread(target=server.serve_forever, name="qnext-mlx-http", daemon=True)
+    thread.start()
+    server.wait_started()
     return server
 
 
-def stop_server(server: QnextHTTPServer) -> None:
+def stop_server(server: QnextServer) -> None:
     server.shutdown()
     server.server_close()
     server.app.close()
