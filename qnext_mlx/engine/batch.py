@@ -512,7 +512,9 @@ class BatchEngine:
         self._pending_lp: Optional[mx.array] = None  # [B, vocab] what they were drawn from
         self._solo: Optional[_Solo] = None
         self._t_decode: Optional[float] = None  # seconds per decode step (running mean)
-        self._t_token: Optional[float] = None  # seconds per prefill token
+        # Seconds a prefill chunk takes, by size class (powers of two): a chunk's cost is far
+        # from proportional to its tokens (16 tokens cost 4 one-token steps on a CPU).
+        self._t_chunk: Dict[int, float] = {}
         self._queued_at = 0.0
         self._steps = 0
         # One model thread: the thread that first steps (or runs) the engine owns it.
@@ -705,10 +707,25 @@ class BatchEngine:
 
     # .......................................................... prefill
     def _budget(self) -> int:
-        if not self._running or self._t_decode is None or self._t_token is None:
-            return self.prefill_step_size if not self._running else 4 * MIN_PREFILL_CHUNK
-        tokens = int(self.prefill_share * self._t_decode / max(self._t_token, 1e-9))
-        return max(MIN_PREFILL_CHUNK, min(self.prefill_step_size, tokens))
+        """Prefill tokens for this step: all of ``prefill_step_size`` with nothing decoding;
+        else the largest power-of-two chunk whose measured (or, one size up from a measured
+        one, doubled) cost fits in ``prefill_share`` decode steps; at least MIN_PREFILL_CHUNK."""
+        if not self._running:
+            return self.prefill_step_size
+        if self._t_decode is None or not self._t_chunk:
+            return MIN_PREFILL_CHUNK
+        allowed = self.prefill_share * self._t_decode
+        best = MIN_PREFILL_CHUNK
+        size = MIN_PREFILL_CHUNK
+        while size <= self.prefill_step_size:
+            known = self._t_chunk.get(size)
+            half = self._t_chunk.get(size // 2)
+            cost = known if known is not None else (2 * half if half is not None else None)
+            if cost is None or cost > allowed:
+                break
+            best = size
+            size *= 2
+        return min(best, self.prefill_step_size)
 
     def _prefill(self) -> None:
         while self._waiting and len(self._running) + len(self._prefilling) < self.max_batch:
@@ -759,8 +776,10 @@ class BatchEngine:
         eval_cache(seq.cache)
         spent = time.perf_counter() - tic
         n = end - seq.done
-        per_token = spent / n
-        self._t_token = per_token if self._t_token is None else 0.8 * self._t_token + 0.2 * per_token
+        if n >= MIN_PREFILL_CHUNK:
+            size = 1 << (n.bit_length() - 1)  # its size class (a chunk cut short by a checkpoint counts below)
+            old = self._t_chunk.get(size)
+            self._t_chunk[size] = spent if old is None else 0.8 * old + 0.2 * spent
         seq.fed.extend(seq.prompt[seq.done : end])
         seq.done = end
         if seq.bar is not None:
@@ -808,6 +827,9 @@ class BatchEngine:
     # ........................................................... decode
     def _queue_decode(self) -> None:
         """Queue the ``[B, 1]`` pass feeding every row's pending token and sampling the next."""
+        # From here to the pass's end is one decode step's cost: on a backend whose
+        # async_eval runs the pass at once (the CPU), it is spent before async_eval returns.
+        self._queued_at = time.perf_counter()
         tokens = self._pending
         rows = self._running
         self._batch.fed = [s.fed for s in rows]  # for models that look at the context (test doubles)
@@ -840,7 +862,6 @@ class BatchEngine:
             raise
         new = new.astype(mx.int32)
         mx.async_eval(new, logprobs)
-        self._queued_at = time.perf_counter()
         self._pending, self._pending_lp = new, logprobs
 
     def _emit(self, tokens: mx.array, logprobs: mx.array) -> None:
