@@ -107,7 +107,35 @@ def time_llguidance(enc, schema: dict, document: str) -> dict:
         allowed = (mask[0, t // 32] >> (t % 32)) & 1
         assert allowed, f"llguidance refused a token of a valid document: {t}"
         assert matcher.consume_token(t), matcher.get_error()
-    return summarize("llguidance", compile_s, times)
+    out = summarize("llguidance", compile_s, times)
+    # the engine writes JSON with Qwen's separators: time it on the document written so
+    out.update(engine_mask(tok, enc, schema, enc.encode(json.dumps(json.loads(document)))))
+    return out
+
+
+def engine_mask(ll_tokenizer, enc, schema: dict, ids: List[int]) -> dict:
+    """What the batch engine pays per token for the mask: the constraint's history sync, the
+    bitmask fill, its unpacking to ``[1, vocab]`` and the masking of a logits row (MLX,
+    evaluated), through :class:`qnext_mlx.engine.constraint.GrammarConstraint` itself."""
+    import mlx.core as mx
+
+    from qnext_mlx.engine.constraint import Grammar, GrammarTokenizer, json_grammar
+
+    eos = [enc.encode_single_token("<|im_end|>")]
+    gtok = GrammarTokenizer(ll_tokenizer, VOCAB_ROWS, eos, lambda text, **_: enc.encode(text))
+    grammar = Grammar(gtok, f"start: answer\n{json_grammar(schema, 'answer')}\n")
+    constraint = grammar.constraint(0)
+    logits = mx.random.normal((1, VOCAB_ROWS))
+    mx.eval(logits)
+    times = []
+    for n in range(len(ids)):
+        history = mx.array(ids[:n], dtype=mx.int32)
+        t0 = time.perf_counter()
+        mx.eval(constraint(history, logits))
+        times.append(time.perf_counter() - t0)
+    assert constraint.active, "the engine's grammar refused a token of a valid document"
+    us = sorted(1e6 * t for t in times)
+    return {"engine_mask_us_median": statistics.median(us), "engine_mask_us_p95": us[int(0.95 * (len(us) - 1))]}
 
 
 def time_xgrammar(enc, schema: dict, document: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -84,6 +85,17 @@ def test_openai_client(server_url):
     assert lines[0].strip(), out  # the streamed reply
     assert any(line.startswith("tool call: lookup_verse({") for line in lines), out
     assert lines[-1].startswith("answer ("), out
+
+
+def test_structured_outputs(server_url):
+    out = run_example("structured_outputs.py", "--base-url", server_url)
+    doc = json.loads(re.search(r"json_schema: (\{.*\})", out).group(1))
+    assert doc["book"] in ("Genesis", "Exodus", "Psalms") and 1 <= doc["chapter"] <= 150, out
+    call = re.search(r"forced tool call: lookup_verse\((\{.*\})\)", out)
+    assert call and set(json.loads(call.group(1))) == {"book", "chapter", "verse"}, out
+    assert len(re.findall(r"^logprob ", out, flags=re.M)) == 5, out
+    reused = re.search(r"\[(\d+) of (\d+) input tokens reused\]", out)
+    assert reused and 0 < int(reused.group(1)) < int(reused.group(2)), out
 
 
 def test_qwen_agent_assistant(server_url):

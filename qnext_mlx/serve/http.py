@@ -222,6 +222,43 @@ def _log_stats(stats: ReplyStats) -> None:
              stats.generation_tps, stats.finish_reason)  # fmt: skip
 
 
+class _ReplyStream:
+    """A streamed reply's items for an SSE endpoint: iterate for ``(kind, item, logprobs)``
+    with ``kind`` "keepalive", "delta" (a :class:`Delta` with text or a tool call) or "finish"
+    (a choice's :class:`ReplyStats`); a choice's token log-probabilities gathered since its
+    last piece come with its next one, built by ``logprobs_of(items, choice)``."""
+
+    def __init__(self, job: Job, request: Request, n: int, logprobs_of: Callable[[List[TokenLogprob], int], Any]):
+        self.job, self.request = job, request
+        self.logprobs_of = logprobs_of
+        self.stats: List[Optional[ReplyStats]] = [None] * n
+        self._pending: List[List[TokenLogprob]] = [[] for _ in range(n)]
+
+    @property
+    def complete(self) -> bool:
+        """Every choice ended."""
+        return all(s is not None for s in self.stats)
+
+    def _take(self, choice: int):
+        items, self._pending[choice] = self._pending[choice], []
+        return self.logprobs_of(items, choice)
+
+    async def __aiter__(self):
+        async for item in reply_items(self.job, self.request, stream=True):
+            if item is _KEEPALIVE:
+                yield "keepalive", None, None
+            elif isinstance(item, TokenLogprob):
+                self._pending[item.choice].append(item)
+            elif isinstance(item, ReplyStats):
+                self.stats[item.choice] = item
+                _log_stats(item)
+                yield "finish", item, self._take(item.choice)
+            elif item.kind == "tool_call":
+                yield "delta", item, None
+            elif item.text:
+                yield "delta", item, self._take(item.choice)
+
+
 class _Choice:
     """What one choice of a non-streamed reply collected."""
 
@@ -358,40 +395,29 @@ def create_app(server: ServerApp) -> FastAPI:
             return _sse(_dump(c))
 
         async def events():
-            stats: List[Optional[ReplyStats]] = [None] * req.n
             calls = [0] * req.n
-            pending: List[List[TokenLogprob]] = [[] for _ in range(req.n)]
-
-            def take_logprobs(i: int):
-                if req.logprobs is None:
-                    return None
-                items, pending[i] = pending[i], []
-                return chat_logprobs(items, token_text)
-
             for i in range(req.n):
                 yield chunk(i, {"role": "assistant", "content": ""})
+            stream = _ReplyStream(job, request, req.n, lambda items, i: chat_logprobs(items, token_text)
+                                  if req.logprobs is not None else None)  # fmt: skip
             try:
-                async for item in reply_items(job, request, stream=True):
-                    if item is _KEEPALIVE:
+                async for kind, item, logprobs in stream:
+                    if kind == "keepalive":
                         yield b": keepalive\n\n"
-                    elif isinstance(item, TokenLogprob):
-                        pending[item.choice].append(item)
-                    elif isinstance(item, ReplyStats):
-                        stats[item.choice] = item
-                        _log_stats(item)
-                        yield chunk(item.choice, {}, openai_finish_reason(item.finish_reason),
-                                    take_logprobs(item.choice))  # fmt: skip
+                    elif kind == "finish":
+                        yield chunk(item.choice, {}, openai_finish_reason(item.finish_reason), logprobs)
                     elif item.kind == "tool_call":
                         if not req.parallel_tool_calls and calls[item.choice]:
                             continue
                         for delta in tool_call_deltas(calls[item.choice], item.tool_call):
                             yield chunk(item.choice, delta)
                         calls[item.choice] += 1
-                    elif item.text:
+                    else:
                         key = "reasoning_content" if item.kind == "reasoning" else "content"
-                        yield chunk(item.choice, {key: item.text}, None, take_logprobs(item.choice))
-                if req.include_usage and all(stats):
-                    u = ChatCompletionChunk(id=rid, created=created, model=model_id, choices=[], usage=usage(stats))
+                        yield chunk(item.choice, {key: item.text}, None, logprobs)
+                if req.include_usage and stream.complete:
+                    u = ChatCompletionChunk(id=rid, created=created, model=model_id, choices=[],
+                                            usage=usage(stream.stats))  # fmt: skip
                     yield _sse(_dump(u))
                 yield _sse("[DONE]")
             except Exception as e:  # after the 200 header: report it in the stream
@@ -433,33 +459,26 @@ def create_app(server: ServerApp) -> FastAPI:
             return _sse(_dump(c))
 
         async def events():
-            stats: List[Optional[ReplyStats]] = [None] * req.n
-            pending: List[List[TokenLogprob]] = [[] for _ in range(req.n)]
             offsets = [0] * req.n
 
-            def take_logprobs(i: int):
+            def logprobs_of(items: List[TokenLogprob], i: int):
                 if req.logprobs is None:
                     return None
-                items, pending[i] = pending[i], []
                 out = completion_logprobs(items, token_text, offsets[i])
                 offsets[i] += sum(len(t) for t in out["tokens"])
                 return out
 
+            stream = _ReplyStream(job, request, req.n, logprobs_of)
             try:
-                async for item in reply_items(job, request, stream=True):
-                    if item is _KEEPALIVE:
+                async for kind, item, logprobs in stream:
+                    if kind == "keepalive":
                         yield b": keepalive\n\n"
-                    elif isinstance(item, TokenLogprob):
-                        pending[item.choice].append(item)
-                    elif isinstance(item, ReplyStats):
-                        stats[item.choice] = item
-                        _log_stats(item)
-                        yield chunk(item.choice, "", openai_finish_reason(item.finish_reason),
-                                    take_logprobs(item.choice))  # fmt: skip
-                    elif item.text:
-                        yield chunk(item.choice, item.text, None, take_logprobs(item.choice))
-                if req.include_usage and all(stats):
-                    u = Completion(id=rid, created=created, model=model_id, choices=[], usage=usage(stats))
+                    elif kind == "finish":
+                        yield chunk(item.choice, "", openai_finish_reason(item.finish_reason), logprobs)
+                    else:
+                        yield chunk(item.choice, item.text, None, logprobs)
+                if req.include_usage and stream.complete:
+                    u = Completion(id=rid, created=created, model=model_id, choices=[], usage=usage(stream.stats))
                     yield _sse(_dump(u))
                 yield _sse("[DONE]")
             except Exception as e:

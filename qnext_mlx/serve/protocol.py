@@ -339,18 +339,11 @@ class CompletionRequest(SamplingFields):
     best_of: Optional[int] = None
     logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = None
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix")
     @classmethod
-    def _no_echo(cls, v):
+    def _not_implemented(cls, v, info):
         if v:
-            raise unsupported("'echo' is not supported by this server")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise unsupported("'suffix' is not supported by this server")
+            raise unsupported(f"'{info.field_name}' is not supported by this server")
         return v
 
     @field_validator("best_of")
