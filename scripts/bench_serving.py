@@ -116,6 +116,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         if engine == "mlx_lm":
+            # its /v1/models scans the Hugging Face cache and fails when that folder is missing
+            cache = Path(env.get("HF_HUB_CACHE") or Path.home() / ".cache" / "huggingface" / "hub")
+            cache.mkdir(parents=True, exist_ok=True)
+            env["HF_HUB_CACHE"] = str(cache)
             cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(self.port),
                    "--max-tokens", str(max_tokens), "--log-level", "WARNING"]  # fmt: skip
         else:
@@ -297,6 +301,14 @@ def plot(result: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def save(result: dict, path: Path) -> None:
+    """Write ``result`` as JSON through a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="demo", help="comma list of demo, wide (default demo)")
@@ -344,6 +356,8 @@ def main(argv=None) -> int:
                                                                            args.admission_prompt)  # fmt: skip
             finally:
                 server.close()
+            result["models"][name] = entry
+            save(result, args.out.with_suffix(".partial.json"))  # what is done survives a later failure
         if "qnext" in entry["engines"] and "mlx_lm" in entry["engines"]:
             entry["ratios"] = {
                 str(a["clients"]): a["tok_s"] / b["tok_s"]
@@ -355,10 +369,8 @@ def main(argv=None) -> int:
             )
         result["models"][name] = entry
     result["machine"]["loadavg_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out.with_suffix(".json"))
+    save(result, args.out.with_suffix(".json"))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     plot(result, args.out.with_suffix(".png"))
     for name, entry in result["models"].items():
         print(f"\n{name}: aggregate tok/s")
