@@ -21,6 +21,8 @@ import sys
 from typing import Callable, Optional, Union
 
 from .checkpoint.paths import load_config
+from .checkpoint.sharded import init_group
+from .engine.distributed import Watchdog, broadcast_object, is_leader
 from .engine.sampling import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
 from .errors import ConfigError, QnextError
 from .model import ModelConfig
@@ -263,3 +265,53 @@ def apply_rope_arguments(
     if isinstance(target, (str, os.PathLike)):
         target = load_config(target)
     return apply_rope_options(args, target, log=log)
+
+
+# ------------------------------------------------------------------ parallel runs
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """``--parallel {tensor,pipeline}``: split the model over the ranks ``mlx.launch`` started."""
+    p.add_argument(
+        "--parallel",
+        choices=["tensor", "pipeline"],
+        default=None,
+        help="split the model over the ranks mlx.launch started (see docs/distributed.md); rank 0 prints or "
+        "serves, the others follow",
+    )
+
+
+class ParallelRun:
+    """One command's place in a parallel run (``--parallel``), or a single process.
+
+    Attributes:
+        mode: ``"tensor"``, ``"pipeline"`` or None (one process).
+        group: the ``mx.distributed`` group (None for one process).
+        leader: True on rank 0 (and for one process): it prints or serves.
+    """
+
+    def __init__(self, mode: Optional[str]):
+        self.mode = mode
+        self.group = None
+        self.watchdog = None
+        if mode is not None:
+            self.group = init_group()
+            self.watchdog = Watchdog(self.group).start()
+        self.leader = is_leader(self.group)
+        if not self.leader:  # the followers print nothing but errors
+            sys.stdout = open(os.devnull, "w")
+
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (as is for one process)."""
+        return broadcast_object(value, self.group)
+
+    def finish(self, status: int) -> int:
+        """This rank ends (normally or with a reported error): the other ranks then give it
+        a heartbeat timeout to end too instead of failing at once."""
+        if self.watchdog is not None:
+            self.watchdog.finish()
+        return status
+
+    def __enter__(self) -> "ParallelRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish(0)

@@ -9,6 +9,7 @@ markers without colour; ``--hide-thinking`` leaves it out), stats to stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,8 +18,10 @@ from .checkpoint.paths import REAL_MODEL_REPO, resolve_model_arg
 from .checkpoint.reader import load
 from .cli import (
     MODEL_HELP,
+    ParallelRun,
     Parser,
     add_kv_arguments,
+    add_parallel_arguments,
     add_reply_arguments,
     add_rope_arguments,
     apply_rope_arguments,
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verbose", action="store_true", help="also print model, prompt and cache details to stderr")
     add_rope_arguments(p)
+    add_parallel_arguments(p)
     return p
 
 
@@ -116,18 +120,27 @@ def open_cache(args, model) -> ModelCache:
 
 
 def _run(args) -> int:
-    prompt = read_prompt(args.prompt)
+    with ParallelRun(args.parallel) as run:
+        return _generate(args, run)
+
+
+def _generate(args, run: ParallelRun) -> int:
+    prompt = run.share(read_prompt(args.prompt) if run.leader else None)
     path, is_demo = resolve_model_arg(args.model)
-    if is_demo:
+    if is_demo and run.leader:
         print(
             "note: running the bundled demo model (a tiny model for trying the tools offline). "
             f"For the real model pass --model {REAL_MODEL_REPO} or a local MLX conversion.",
             file=sys.stderr,
         )
-    model, tokenizer = load(path)  # a folder without tokenizer files: ModelNotFoundError
+    # a folder without tokenizer files: ModelNotFoundError
+    model, tokenizer = load(path, parallel=args.parallel, group=run.group)
     apply_rope_arguments(args, model)  # before the cache: its fingerprint includes the RoPE scaling
     if args.mtp and not model.has_mtp:
         raise QnextError(f"{path} has no MTP head (no mtp.* tensors; converted without it?); drop --mtp")
+    if run.group is not None:  # what rank 0 would pick by chance or by timing, every rank picks
+        args.seed = run.share(args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        args.mtp = run.share(args.mtp if args.mtp is not None else speculative.mtp_default(model))
     text = format_prompt(tokenizer, prompt, args.system, chat_template=not args.no_chat_template)
     ids = encode_prompt(tokenizer, text)
     cache = open_cache(args, model)
@@ -168,7 +181,7 @@ def _run(args) -> int:
     show.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if last is not None:
+    if last is not None and run.leader:
         cached = f" ({last.cached_tokens} cached)" if last.cached_tokens else ""
         print(
             f"Prompt: {last.prompt_tokens} tokens{cached}, {last.prompt_tps:.1f} tok/s | "
@@ -176,7 +189,7 @@ def _run(args) -> int:
             f"Peak memory: {last.peak_memory:.2f} GB{mtp_stats_text(last)}",
             file=sys.stderr,
         )
-    if args.prompt_cache:
+    if args.prompt_cache and run.leader:
         cache.save(args.prompt_cache)
         if args.verbose:
             print(f"saved the prompt cache ({cache.offset} tokens) to {args.prompt_cache}", file=sys.stderr)

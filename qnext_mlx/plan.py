@@ -2,6 +2,7 @@
 
     python -m qnext_mlx.plan --model PATH_OR_REPO_OR_CONFIG --context N [--kv-bits B]
         [--q-bits B] [--prefill-step-size N] [--mtp] [--backend metal|cpu] [--budget-gib G] [--json]
+        [--ranks N --parallel tensor|pipeline] [--bandwidth-gbs G]
 
 What is counted and how: :mod:`qnext_mlx.engine.plan`.
 """
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .checkpoint.paths import load_config, resolve_model_path
-from .cli import Parser, add_kv_arguments, add_rope_arguments, apply_rope_arguments, parse_token_count
-from .engine.plan import DEFAULT_CHUNK, GiB, make_plan, render
+from .cli import Parser, add_kv_arguments, add_rope_arguments, apply_rope_arguments, parse_token_count, ranged
+from .engine.plan import DEFAULT_BANDWIDTH_GBS, DEFAULT_CHUNK, PARALLEL_MODES, PARALLEL_RANKS, GiB, make_plan, render
 from .errors import QnextError
 from .model import ModelConfig
 
@@ -68,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="plan against this much memory instead of this machine's (e.g. to plan for another Mac)",
     )
+    p.add_argument(
+        "--ranks",
+        type=int,
+        choices=list(PARALLEL_RANKS),
+        default=1,
+        help="plan for this many processes (Macs) running one model (default 1); needs --parallel",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=list(PARALLEL_MODES),
+        default=None,
+        help="how the ranks split the model: tensor (heads and intermediate dims) or pipeline (layers)",
+    )
+    p.add_argument(
+        "--bandwidth-gbs",
+        type=ranged(float, 0, lo_open=True),
+        default=DEFAULT_BANDWIDTH_GBS,
+        help=f"memory bandwidth per Mac for the predicted decode rate (default {DEFAULT_BANDWIDTH_GBS:g} GB/s, "
+        "an M-series Max)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_rope_arguments(p)
     return p
@@ -100,6 +121,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             fused_attention=args.fused_attention,
             cpu_backend=None if args.backend == "auto" else args.backend == "cpu",
             budget=budget,
+            ranks=args.ranks,
+            parallel=args.parallel,
+            bandwidth_gbs=args.bandwidth_gbs,
         )
     except QnextError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from ..kernels.linear import use_fast_linears
 from ..model import Model, ModelConfig
 from ..model.qwen3_next import SHIFTED_NORMS
 from .paths import resolve_model_path
+from .sharded import check_same_everywhere, init_group, materialize, shard_checkpoint
 
 # safetensors dtype name -> bytes per element
 ST_DTYPE_SIZE = {
@@ -204,6 +205,8 @@ def load_model(
     path: str | os.PathLike,
     dtype: Optional[mx.Dtype] = None,
     lazy: bool = True,
+    parallel: Optional[str] = None,
+    group=None,
 ) -> Model:
     """Load a Qwen3-Next checkpoint (Hugging Face or MLX layout) from a local folder.
 
@@ -212,12 +215,22 @@ def load_model(
         dtype: cast floating-point weights to this dtype (default: as stored).
         lazy: leave weights memory-mapped until first use (default) instead of
             reading them all now.
+        parallel: ``"tensor"`` or ``"pipeline"``: load only this rank's share of
+            ``group`` (default: the group ``mlx.launch`` set up); see
+            :mod:`qnext_mlx.model.parallel`. The share is read at once (``lazy`` is ignored).
+        group: the ``mx.distributed`` group for ``parallel``.
     Returns:
         The :class:`qnext_mlx.model.Model` with weights loaded; ``model(ids)``
-        gives logits ``[B, L, vocab]``.
+        gives logits ``[B, L, vocab]``, the same on every rank under ``parallel``
+        (``model.parallel`` says where this rank sits; None for one process).
     """
     model_path = resolve_model_path(path)
     config, model, weights = open_checkpoint(model_path)
+    layout = None
+    if parallel is not None:
+        group = init_group(group)
+        check_same_everywhere(group, model_path)
+        model, weights, layout = shard_checkpoint(config, model, weights, parallel, group)
     if config.quantization is not None:
         _quantize(model, config, weights)
     check_weights(model, weights)
@@ -227,7 +240,10 @@ def load_model(
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(SHIFTED_NORMS) else v
             for k, v in weights.items()
         }
+    if layout is not None:
+        materialize(weights)
     model.load_weights(list(weights.items()), strict=False)
+    model.parallel = layout
     _fit_experts_to_backend(model)
     use_fast_linears(model)  # prefill-sized matmuls as plain GEMMs on the CPU (kernels/linear.py)
     model.eval()
@@ -236,17 +252,24 @@ def load_model(
     return model
 
 
-def load(path_or_repo: str | os.PathLike, dtype: Optional[mx.Dtype] = None, lazy: bool = True):
+def load(
+    path_or_repo: str | os.PathLike,
+    dtype: Optional[mx.Dtype] = None,
+    lazy: bool = True,
+    parallel: Optional[str] = None,
+    group=None,
+):
     """Load ``(model, tokenizer)`` from a local folder or a Hugging Face repo id.
 
     The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer,
     chat template, EOS ids from ``generation_config.json`` when present).
+    ``parallel`` and ``group``: as :func:`load_model` (tensor or pipeline parallel).
     Raises :class:`ModelNotFoundError` (before reading any weights) when the
     folder has no tokenizer files; :func:`load_model` loads the model alone.
     """
     model_path = resolve_model_path(path_or_repo)
     check_tokenizer_files(model_path)
-    model = load_model(model_path, dtype=dtype, lazy=lazy)
+    model = load_model(model_path, dtype=dtype, lazy=lazy, parallel=parallel, group=group)
     eos = _generation_eos_ids(model_path)
     try:
         tokenizer = load_tokenizer(model_path, eos_token_ids=eos)

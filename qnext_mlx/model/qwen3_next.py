@@ -22,6 +22,7 @@ from ..kernels.metal_moe import moe_combine, moe_decode
 from ..kernels.moe import grouped_switch_glu, switch_glu_lanes, use_grouped_experts
 from .cache import ModelCache
 from .config import ModelConfig
+from .parallel import PipelineStage
 from .rope import build_rope
 
 
@@ -251,11 +252,35 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoeBlock(cfg) if is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        # Tensor parallel (model/parallel.py): each rank's mixer and MLP give a partial sum.
+        self.reduce_group = None
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         mixer = self.linear_attn if self.is_linear else self.self_attn
-        h = x + mixer(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self._reduce(mixer(self.input_layernorm(x), mask, cache))
+        return h + self._reduce(self.mlp(self.post_attention_layernorm(h)))
+
+    def _reduce(self, y: mx.array) -> mx.array:
+        group = self.reduce_group
+        return y if group is None else mx.distributed.all_sum(y, group=group)
+
+
+def stage_output(stage: PipelineStage, h: mx.array) -> mx.array:
+    """Pass a pipeline stage's hidden state ``[B, L, hidden]`` on and return the last
+    stage's on every rank (one ``all_sum`` with zeros from the other ranks).
+
+    Under pipeline parallel every collective runs as soon as it is built: the ranks'
+    graphs differ, so left lazy their sends, receives and sums could be evaluated in
+    different orders on different ranks (and a caller that evaluates only the caches
+    would never send at all).
+    """
+    if stage.rank < stage.size - 1:
+        sent = mx.distributed.send(h, stage.rank + 1, group=stage.group)
+        mx.eval(sent)
+        h = mx.zeros_like(sent)
+    out = mx.distributed.all_sum(h, group=stage.group)
+    mx.eval(out)
+    return out
 
 
 class Qwen3NextModel(nn.Module):
@@ -266,17 +291,28 @@ class Qwen3NextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, cfg.is_linear(i), cfg.is_moe(i)) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self._first_attn = next((i for i, t in enumerate(cfg.layer_types) if t != "linear_attention"), None)
+        self.stage: Optional[PipelineStage] = None  # pipeline parallel: what this rank runs
+        # a frozenset, not a list: MLX modules keep lists as parameter containers
+        self.attention_layers = frozenset(i for i, t in enumerate(cfg.layer_types) if t != "linear_attention")
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """inputs: ``[B, L]`` token ids -> final normed hidden states ``[B, L, hidden]``."""
         h = self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
-        attn_cache = cache[self._first_attn] if self._first_attn is not None else None
-        mask = create_attention_mask(h, attn_cache)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, None if layer.is_linear else mask, c)
+        stage = self.stage
+        owned = range(len(self.layers)) if stage is None else stage.layers
+        first_attn = next((i for i in owned if i in self.attention_layers), None)
+        mask = create_attention_mask(h, cache[first_attn] if first_attn is not None else None)
+        if stage is not None and stage.rank > 0:
+            mx.eval(h)  # what the ids depend on (the MTP drafts' collectives) first
+            h = mx.distributed.recv_like(h, stage.rank - 1, group=stage.group)
+            mx.eval(h)
+        for i in owned:
+            layer = self.layers[i]
+            h = layer(h, None if layer.is_linear else mask, cache[i])
+        if stage is not None:
+            h = stage_output(stage, h)
         return self.norm(h)
 
 
@@ -336,6 +372,7 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.num_mtp_layers:
             self.mtp = MultiTokenPredictor(cfg, cfg.num_mtp_layers)
+        self.parallel = None  # a model.parallel.ParallelLayout when loaded for one rank of several
 
     @property
     def layers(self) -> List[DecoderLayer]:
@@ -377,6 +414,10 @@ class Model(nn.Module):
         if not self.has_mtp:
             raise ValueError("this checkpoint has no MTP head (no mtp.* tensors)")
         h = self.mtp(hidden, self.model.embed_tokens(next_ids), cache)
+        stage = self.model.stage
+        if stage is not None:  # the head runs on the last stage (model/parallel.py)
+            h = mx.distributed.all_sum(h, group=stage.group)
+            mx.eval(h)  # at once, as every pipeline collective (see stage_output)
         logits = self.lm_logits(h)
         return (logits, h) if return_hidden else logits
 
