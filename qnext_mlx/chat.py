@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .cli import Parser, add_chat_options, run_cli, settings_from_args
+from .cli import ParallelRun, Parser, add_chat_options, add_parallel_arguments, run_cli, settings_from_args
 from .serve.chat_session import ChatEngine, ChatSession, end_mlx_thread, load_chat_engine
 from .ui.terminal import ChatREPL
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dim the thinking and stats (auto: when the output is a terminal)",
     )
+    add_parallel_arguments(p)
     return p
 
 
@@ -40,10 +41,21 @@ def main(argv: Optional[Sequence[str]] = None, engine: Optional[ChatEngine] = No
 
 
 def _run(args, engine: Optional[ChatEngine]) -> int:
+    with ParallelRun(args.parallel if engine is None else None) as run:
+        return _chat(args, engine, run)
+
+
+def _chat(args, engine: Optional[ChatEngine], run: ParallelRun) -> int:
     name = "model"
     if engine is None:
-        print("loading the model ...", file=sys.stderr, flush=True)
-        engine, name = load_chat_engine(args.model, kv_bits=args.kv_bits, max_context=args.max_context, rope_args=args)
+        if run.leader:
+            print("loading the model ...", file=sys.stderr, flush=True)
+        engine, name = load_chat_engine(args.model, quiet=not run.leader, kv_bits=args.kv_bits,
+                                        max_context=args.max_context, rope_args=args, parallel=args.parallel,
+                                        group=run.group)  # fmt: skip
+        if not run.leader:  # the other ranks: the engine in step with rank 0's, which reads the terminal
+            engine.engine.follow()
+            return 0
     elif args.max_context:
         engine.max_context = args.max_context
     session = ChatSession(engine, system=args.system, settings=settings_from_args(args))
@@ -54,7 +66,10 @@ def _run(args, engine: Optional[ChatEngine]) -> int:
         except ImportError:
             pass
     print(f"chatting with {name}: /help for commands, Ctrl-D to leave", flush=True)
-    return ChatREPL(session, sys.stdout, color).run()
+    try:
+        return ChatREPL(session, sys.stdout, color).run()
+    finally:
+        engine.engine.stop_followers()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .cli import MODEL_HELP, Parser, add_kv_arguments, add_rope_arguments, add_sampling_arguments, ranged, run_cli
+from .cli import (
+    MODEL_HELP,
+    ParallelRun,
+    Parser,
+    add_kv_arguments,
+    add_parallel_arguments,
+    add_rope_arguments,
+    add_sampling_arguments,
+    ranged,
+    run_cli,
+)
 from .engine.batch import DEFAULT_MAX_BATCH
 from .engine.sampling import DEFAULT_MAX_TOKENS
 from .serve.chat_session import DEFAULT_PREFIX_CACHE_BYTES, ChatEngine, SamplingSettings, load_chat_engine
@@ -96,24 +106,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     # --max-context N: the longest prompt + reply, and YaRN when N exceeds the native window
     add_rope_arguments(p)
+    add_parallel_arguments(p)
     return p
 
 
 def _run(args) -> int:
+    with ParallelRun(args.parallel) as run:
+        return _serve(args, run)
+
+
+def _serve(args, run: ParallelRun) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     names = {}
 
     def load_engine() -> ChatEngine:
         engine, names["model"] = load_chat_engine(
             args.model,
+            quiet=not run.leader,
             max_batch=args.max_batch,
             max_waiting=args.max_queue,
             prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
             kv_bits=args.kv_bits,
             max_context=args.max_context,
             rope_args=args,
+            parallel=args.parallel,
+            group=run.group,
         )
         return engine
+
+    if not run.leader:  # the other ranks of a parallel run: no HTTP, the engine in step with rank 0's
+        load_engine().engine.follow()
+        return 0
 
     defaults = SamplingSettings(
         temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, max_tokens=args.max_tokens

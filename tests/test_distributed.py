@@ -237,3 +237,92 @@ def test_ranks_with_different_model_files_refuse_to_start(tmp_path):
     for rank in range(2):
         err = (tmp_path / f"rank{rank}.err").read_text()
         assert "error: rank(s) 1 have other model files or package versions than rank 0" in err, err[-2000:]
+
+
+# ------------------------------------------------------------------ server
+def serve(cmd, port, tmp_path, name):
+    log = open(tmp_path / f"{name}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            client.models.list()
+            return proc, client
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise AssertionError((tmp_path / f"{name}.log").read_text()[-3000:]) from None
+            time.sleep(0.5)
+
+
+def conversation(client):
+    """Three concurrent greedy chats, a stream dropped mid-way, then a second turn of the
+    first chat (its prefix reused): the texts and the cached-token counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(messages, max_tokens=24):
+        r = client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+    first = [[{"role": "user", "content": f"Story number {i}, please."}] for i in range(3)]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(ask, first))
+        stream = client.chat.completions.create(model="m", messages=first[0], max_tokens=500, temperature=0,
+                                                stream=True)  # fmt: skip
+        for k, _ in enumerate(stream):
+            if k == 5:
+                break
+        stream.close()  # the client goes away: its sequence is cancelled on every rank
+    second = first[0] + [{"role": "assistant", "content": replies[0][0]}, {"role": "user", "content": "More."}]
+    again = ask(second)
+    return [r[0] for r in replies], again
+
+
+def test_server_under_tensor_parallel_answers_as_one_process(checkpoints, tmp_path):
+    model = str(checkpoints["hf"])
+    (port,) = free_ports(1)
+    cmd = [sys.executable, "-m", "qnext_mlx.server", "--model", model, "--port", str(port)]
+    proc, client = serve(cmd, port, tmp_path, "single")
+    try:
+        single = conversation(client)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    (port,) = free_ports(1)
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, "--", "-m", "qnext_mlx.server",
+           "--model", model, "--port", str(port), "--parallel", "tensor"]  # fmt: skip
+    proc, client = serve(cmd, port, tmp_path, "tensor")
+    try:
+        parallel = conversation(client)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert parallel == single
+    texts, (text, cached) = single
+    assert all(len(t) > 5 for t in texts) and len(text) > 5
+    assert cached > 20  # the second turn reused the first turn's prompt and reply
+
+
+def test_terminal_chat_under_pipeline_parallel_says_what_one_process_says():
+    """Rank 0 reads the terminal; the other rank's engine follows it step by step (the
+    second turn reuses the first one's prefix on both ranks)."""
+    lines = "Hello there\nTell me more\n/quit\n"
+    args = ["-m", "qnext_mlx.chat", "--temp", "0", "--max-tokens", "20", "--color", "never"]
+    single = subprocess.run([sys.executable, *args], input=lines, capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, "--", *args, "--parallel", "pipeline"]
+    r = subprocess.run(cmd, input=lines, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def replies(out):  # the reply lines, without the timings
+        return [ln for ln in out.splitlines() if ln.startswith(">>> ") and len(ln) > 4]
+
+    assert replies(r.stdout) == replies(single.stdout)
+    assert len(replies(single.stdout)) == 2
+    assert "(11 cached)" in r.stdout and "(11 cached)" in single.stdout

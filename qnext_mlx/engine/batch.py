@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import queue
 import sys
 import threading
@@ -55,7 +56,8 @@ from ..errors import QnextError
 from ..model.cache import ModelCache
 from . import speculative
 from .batch_cache import BatchCache
-from .constraint import Grammar
+from .constraint import Grammar, grammar_tokenizer
+from .distributed import broadcast_object
 from .prefix_cache import PrefixCache
 from .primitives import (
     DEFAULT_PREFILL_STEP_SIZE,
@@ -263,9 +265,16 @@ class RequestHandle:
         self._stop_check: Optional[Callable[[], bool]] = None
         # Called (on the engine's thread) after each event: an asyncio consumer's wake-up.
         self.listener: Optional[Callable[[], None]] = None
+        # Parallel runs (BatchEngine sync): a cancel takes effect at the next step's start
+        # on every rank at once; the other ranks' copies of a request have no consumer.
+        self._cancel_asked = threading.Event()
+        self.deferred = engine.sync is not None
+        self.discard = False
 
     def push(self, item) -> None:
         """Queue an event (or an error) for the consumer (the engine's side)."""
+        if self.discard:
+            return
         self.events.put(item)
         listener = self.listener
         if listener is not None:
@@ -273,8 +282,14 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop this request (its other choices too) at the engine's next step."""
-        self._cancel.set()
+        (self._cancel_asked if self.deferred else self._cancel).set()
         self.engine.wake()
+
+    def cancel_asked(self) -> bool:
+        """A deferred cancel (or the consumer's ``should_stop``) is waiting for the next step."""
+        if self._cancel_asked.is_set():
+            return True
+        return self._stop_check is not None and self._stop_check()
 
     @property
     def cancelled(self) -> bool:
@@ -285,7 +300,10 @@ class RequestHandle:
         return self._cancel.wait(timeout)
 
     def stop_requested(self) -> bool:
-        """Cancelled, or the consumer's ``should_stop`` (see :meth:`get`) says so now."""
+        """Cancelled, or the consumer's ``should_stop`` (see :meth:`get`) says so now
+        (deferred: only what the last step's start made effective)."""
+        if self.deferred:
+            return self._cancel.is_set()
         if not self._cancel.is_set() and self._stop_check is not None and self._stop_check():
             self._cancel.set()
         return self._cancel.is_set()
@@ -464,6 +482,25 @@ class _Sequence:
 
 
 # -------------------------------------------------------------------- engine
+def wire_request(request: GenerationRequest) -> dict:
+    """``request`` as plain data for the other ranks of a parallel run (the grammar as its
+    Lark text); see :func:`unwire_request`."""
+    fields = {k: getattr(request, k) for k in request.__dataclass_fields__}
+    fields.update(prompt=list(request.prompt), prompt_cache=None, sampler=None, logits_processors=None)
+    grammar = request.grammar
+    fields["grammar"] = None if grammar is None else (grammar.lark, grammar.start_after)
+    return fields
+
+
+def unwire_request(fields: dict, tokenizer, vocab_size: int) -> GenerationRequest:
+    """The :class:`GenerationRequest` :func:`wire_request` described (grammar compiled here)."""
+    fields = dict(fields)
+    if fields["grammar"] is not None:
+        lark, start_after = fields["grammar"]
+        fields["grammar"] = Grammar(grammar_tokenizer(tokenizer, vocab_size), lark, start_after)
+    return GenerationRequest(**fields)
+
+
 class BatchEngine:
     """Continuous batching over one model (see the module docstring).
 
@@ -478,13 +515,18 @@ class BatchEngine:
         prefill_share: while sequences decode, a prefill chunk costs about this many
             decode steps.
         observer: an :class:`EngineObserver` (metrics).
+        group: an ``mx.distributed`` group the model is split over (tensor or pipeline
+            parallel): every rank runs this engine; rank 0's takes the requests and, at
+            the start of each step, sends the others what arrived, what was cancelled
+            and the prefill budget, so that all ranks run the same forwards
+            (:meth:`follow` on the other ranks).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  max_waiting: int = DEFAULT_MAX_WAITING, prefix_cache: Optional[PrefixCache] = None,
                  kv_bits: Optional[int] = None, kv_group_size: int = 64,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE, prefill_share: float = 1.0,
-                 observer: Optional[EngineObserver] = None):  # fmt: skip
+                 observer: Optional[EngineObserver] = None, group=None):  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_step_size < 1:
@@ -500,6 +542,11 @@ class BatchEngine:
         self.prefill_step_size = prefill_step_size
         self.prefill_share = prefill_share
         self.observer = observer or EngineObserver()
+        self.sync = group if group is not None and group.size() > 1 else None
+        self.leader = self.sync is None or self.sync.rank() == 0
+        self._decode_budget: Optional[int] = None  # synced: the prefill chunk while decoding
+        self._live: Dict[int, RequestHandle] = {}  # synced: requests by id, until they end
+        self._stopping = False
         self.threaded = False
         self._ids = itertools.count()
         self._inbox: "queue.SimpleQueue[RequestHandle]" = queue.SimpleQueue()
@@ -541,6 +588,9 @@ class BatchEngine:
         check_logit_bias(request.sampling.logit_bias, self.vocab_size)
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.logprobs}")
+        if self.sync is not None and (request.prompt_cache is not None or request.sampler is not None
+                                      or request.logits_processors):  # fmt: skip
+            raise ValueError("a parallel run takes requests as data: no prompt_cache, sampler or logits_processors")
         if request.mtp and request.sampler is not None:
             raise ValueError("MTP decoding needs the sampling settings (temp, top_p, ...), not a sampler function")
         if self._inbox.qsize() + len(self._waiting) >= self.max_waiting:
@@ -573,7 +623,8 @@ class BatchEngine:
 
     def run(self, stop: threading.Event) -> None:
         """Step until ``stop`` is set, sleeping while there is nothing to do (the engine
-        thread of a server). A failing step fails the requests it was serving, not the loop."""
+        thread of a server). A failing step fails the requests it was serving, not the loop.
+        In a parallel run (rank 0) the other ranks are told to stop at the end."""
         self.threaded = True
         with mlx_lm_generate.wired_limit(self.model, [generation_stream]):
             while not stop.is_set():
@@ -584,13 +635,19 @@ class BatchEngine:
                 try:
                     self.step()
                 except Exception as e:  # a bug or a device error: report it, keep serving
+                    if self.sync is not None:
+                        raise  # the other ranks cannot know which requests failed: end the run
                     self._fail_all(e)
+            self.stop_followers()
 
     def step(self) -> None:
         """One scheduling step (see the module docstring); call from the owner thread."""
         self._owner = self._owner or threading.current_thread()
         with mx.stream(generation_stream):
-            self._take_inbox()
+            if self.sync is None:
+                self._take_inbox()
+            elif not self._sync_step():
+                return
             if self._solo is not None:
                 self._solo_step()
                 return
@@ -651,7 +708,74 @@ class BatchEngine:
                 handle.push(TokenEvent(i, None, "", finish_reason="cancelled", stats=stats))
 
     def _arrivals(self) -> bool:
+        if self.sync is not None:  # only what the step's start made known to every rank
+            return bool(self._waiting)
         return not self._inbox.empty() or bool(self._waiting)
+
+    # ......................................................... parallel
+    def _sync_step(self) -> bool:
+        """Rank 0: send this step's arrivals, cancellations and prefill budget; the others:
+        apply rank 0's. Returns False when rank 0 said stop (followers) or stops."""
+        if self.leader:
+            new: List[RequestHandle] = []
+            while True:
+                try:
+                    new.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            cancel = [rid for rid, h in self._live.items() if not h.cancelled and h.cancel_asked()]
+            cancel += [h.id for h in new if h.cancel_asked()]
+            for h in new:  # what a rank would pick by chance or by timing, rank 0 picks for all
+                if h.request.sampling.seed is None:
+                    h.request.sampling.seed = int.from_bytes(os.urandom(8), "little") >> 1
+                if h.request.mtp is None:
+                    h.request.mtp = speculative.mtp_default(self.model)
+            message = {
+                "new": [(h.id, wire_request(h.request)) for h in new],
+                "cancel": cancel,
+                "budget": self._budget_while_decoding(),
+                "stop": self._stopping,
+            }
+            broadcast_object(message, self.sync)
+        else:
+            message = broadcast_object(None, self.sync)
+            new = []
+            for rid, request in message["new"]:
+                handle = RequestHandle(self, unwire_request(request, self.tokenizer, self.vocab_size), rid)
+                handle.discard = True
+                new.append(handle)
+        for handle in new:
+            self._live[handle.id] = handle
+            self._waiting.append(handle)
+        for rid in message["cancel"]:
+            handle = self._live.get(rid)
+            if handle is not None:
+                handle._cancel.set()
+        self._decode_budget = message["budget"]
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            stats = SequenceStats(prompt_tokens=len(handle.request.prompt))
+            for i in range(handle.request.n):
+                handle.push(TokenEvent(i, None, "", finish_reason="cancelled", stats=stats))
+        active = {h.id for h in self._waiting} | {seq.handle.id for seq in self._sequences()}
+        self._live = {rid: h for rid, h in self._live.items() if rid in active}
+        if message["stop"]:
+            self._stopping = True
+            return False
+        return True
+
+    def follow(self) -> None:
+        """The other ranks' engine loop: step in step with rank 0 until it stops."""
+        self._owner = threading.current_thread()
+        with mlx_lm_generate.wired_limit(self.model, [generation_stream]):
+            while not self._stopping:
+                self.step()
+
+    def stop_followers(self) -> None:
+        """Rank 0, on its engine thread: tell the other ranks to leave :meth:`follow`."""
+        if self.sync is not None and self.leader and not self._stopping:
+            self._stopping = True
+            self.step()
 
     def _new_cache(self) -> ModelCache:
         return self.model.make_cache(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
@@ -712,6 +836,12 @@ class BatchEngine:
         one, doubled) cost fits in ``prefill_share`` decode steps; at least MIN_PREFILL_CHUNK."""
         if not self._running:
             return self.prefill_step_size
+        if self.sync is not None:  # rank 0's choice at the step's start (timings differ by rank)
+            return self._decode_budget or MIN_PREFILL_CHUNK
+        return self._budget_while_decoding()
+
+    def _budget_while_decoding(self) -> int:
+        """The prefill chunk that fits in ``prefill_share`` decode steps (see :meth:`_budget`)."""
         if self._t_decode is None or not self._t_chunk:
             return MIN_PREFILL_CHUNK
         allowed = self.prefill_share * self._t_decode

@@ -57,14 +57,18 @@ class PrefixCache:
     """Snapshots by token prefix, least recently used dropped first past ``max_bytes``.
 
     ``max_entries`` bounds the count as well (None: bytes only). Not thread-safe: the
-    engine thread owns it.
+    engine thread owns it. ``group``: in a parallel run every rank keeps its own pool
+    (its share of each state) and drops the same snapshots as the others: a rank's
+    budget is ``max_bytes``, checked against the largest pool of the group (an
+    ``all_max``; under pipeline parallel the ranks hold different layers).
     """
 
-    def __init__(self, max_bytes: int = 4 << 30, max_entries: Optional[int] = None):
+    def __init__(self, max_bytes: int = 4 << 30, max_entries: Optional[int] = None, group=None):
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
         self.max_entries = max_entries
+        self.group = group if group is not None and group.size() > 1 else None
         # key: the snapshot's tokens as a tuple -> snapshot; most recently used last
         self._entries: "OrderedDict[Tuple[int, ...], CacheSnapshot]" = OrderedDict()
         self.stats = PrefixCacheStats()
@@ -118,9 +122,16 @@ class PrefixCache:
         self.stats.inserted += 1
         self._shrink()
 
+    def _group_nbytes(self) -> int:
+        if self.group is None:
+            return self.nbytes
+        largest = mx.distributed.all_max(mx.array([self.nbytes], dtype=mx.int64), group=self.group)
+        return int(largest.item())
+
     def _shrink(self) -> None:
         while self._entries and (
-            (self.max_entries is not None and len(self._entries) > self.max_entries) or self.nbytes > self.max_bytes
+            (self.max_entries is not None and len(self._entries) > self.max_entries)
+            or self._group_nbytes() > self.max_bytes
         ):
             self._entries.popitem(last=False)
             self.stats.evicted += 1

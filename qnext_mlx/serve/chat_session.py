@@ -243,7 +243,8 @@ DEFAULT_PREFIX_CACHE_BYTES = 4 << 30
 DEMO_MODEL_ID = "qnext-mlx-demo"
 
 
-def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, rope_args=None, **engine_kwargs):
+def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, rope_args=None, parallel=None,
+                     group=None, **engine_kwargs):  # fmt: skip
     """Load ``--model`` (a folder or Hugging Face repo id; None: the bundled demo model)
     into a :class:`ChatEngine`; returns ``(engine, model_name)``.
 
@@ -252,7 +253,9 @@ def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, ro
     tokenizer. ``rope_args``: parsed long-context options (:func:`qnext_mlx.cli.add_rope_arguments`;
     ``--max-context N`` is then both the conversation limit and, past the native window,
     the YaRN factor). ``engine_kwargs`` go to :class:`ChatEngine` (``max_batch``, ``prefix_cache_bytes``,
-    ``kv_bits``, ``max_context``, ...).
+    ``kv_bits``, ``max_context``, ...). ``parallel`` and ``group``: split the model over
+    the group's ranks (``"tensor"`` or ``"pipeline"``, see :func:`qnext_mlx.load`); every
+    rank then runs this engine in step (rank 0 serves, the others ``engine.engine.follow()``).
     """
     path, is_demo = resolve_model_arg(model_arg)
     if is_demo and not quiet:
@@ -261,11 +264,12 @@ def load_chat_engine(model_arg: Optional[str] = None, *, quiet: bool = False, ro
             f"For the real model pass --model {REAL_MODEL_REPO} or a local MLX conversion.",
             file=sys.stderr,
         )
-    model, tokenizer = load(path)  # a folder without tokenizer files: ModelNotFoundError
+    # a folder without tokenizer files: ModelNotFoundError
+    model, tokenizer = load(path, parallel=parallel, group=group)
     if rope_args is not None:
         apply_rope_options(rope_args, model)  # before the engine: cache fingerprints include it
     name = DEMO_MODEL_ID if is_demo else (Path(path).name if Path(path).exists() else str(path))
-    return ChatEngine(model, tokenizer, **engine_kwargs), name
+    return ChatEngine(model, tokenizer, group=group if parallel else None, **engine_kwargs), name
 
 
 class ChatEngine:
@@ -292,16 +296,18 @@ class ChatEngine:
         max_waiting: int = DEFAULT_MAX_WAITING,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         observer: Optional[EngineObserver] = None,
+        group=None,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, group=group)
         self.engine = BatchEngine(
             model, tokenizer, max_batch=max_batch, max_waiting=max_waiting, prefix_cache=self.prefix_cache,
             kv_bits=kv_bits, kv_group_size=kv_group_size,
-            prefill_step_size=prefill_step_size or DEFAULT_PREFILL_STEP_SIZE, observer=observer,
+            prefill_step_size=prefill_step_size or DEFAULT_PREFILL_STEP_SIZE, observer=observer, group=group,
         )  # fmt: skip
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.parallel = self.engine.sync is not None  # split over the ranks of a group
         config = getattr(model, "config", None)
         # The RoPE setting's window: max_position_embeddings, or factor x original under YaRN.
         config_context = context_window(config) if isinstance(config, ModelConfig) else None
@@ -690,7 +696,9 @@ class ChatSession:
         prompt cache holding it next to it (:func:`cache_file_for`), so :meth:`load`
         can continue without prefilling the history again."""
         atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
-        cache = self.engine.latest_cache() if (with_cache and self.engine) else None
+        # a parallel run's ranks each hold a share of the state: no cache file then
+        with_cache = with_cache and self.engine is not None and not self.engine.parallel
+        cache = self.engine.latest_cache() if with_cache else None
         if cache is not None and cache.offset:
             cache.save(cache_file_for(path))
 
@@ -707,7 +715,7 @@ class ChatSession:
             raise ChatError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         self.load_dict(data, str(path))
         cache_path = cache_file_for(path)
-        if with_cache and self.engine is not None and cache_path.exists():
+        if with_cache and self.engine is not None and not self.engine.parallel and cache_path.exists():
             try:
                 self.engine.add_cache(ModelCache.load(cache_path, self.engine.model))
             except CacheError as e:
