@@ -25,7 +25,7 @@ import sys
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -47,11 +47,6 @@ from ..engine.prefix_cache import PrefixCache
 from ..engine.primitives import DEFAULT_PREFILL_STEP_SIZE, generation_stream
 from ..engine.sampling import (
     DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_P,
-    DEFAULT_TEMP,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    check_sampling,
 )
 from ..engine.stream import peak_memory_gb
 from ..engine.text import prompt_opens_think
@@ -74,39 +69,25 @@ class PromptTooLongError(ChatError):
 
 # ------------------------------------------------------------------ settings
 @dataclass
-class SamplingSettings:
-    """Sampling and length settings of one reply (model-card defaults)."""
+class SamplingSettings(SamplingParams):
+    """Sampling and length settings of one reply (model-card defaults): the engine's
+    :class:`~qnext_mlx.engine.batch.SamplingParams` plus ``max_tokens`` and ``stop``."""
 
-    temp: float = DEFAULT_TEMP
-    top_p: float = DEFAULT_TOP_P
-    top_k: int = DEFAULT_TOP_K
-    min_p: float = DEFAULT_MIN_P
-    presence_penalty: float = 0.0
-    repetition_penalty: Optional[float] = None
     max_tokens: int = DEFAULT_MAX_TOKENS
-    seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
-    frequency_penalty: float = 0.0
-    logit_bias: Optional[Dict[int, float]] = None
 
     def validate(self) -> None:
         """Raise ValueError (one line) for an out-of-range value."""
-        check_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.presence_penalty, self.repetition_penalty,
-                       self.frequency_penalty)  # fmt: skip
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        super().validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def sampling_params(self) -> SamplingParams:
         """The engine's view of these settings."""
-        return SamplingParams(temp=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                              presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
-                              seed=self.seed, frequency_penalty=self.frequency_penalty,
-                              logit_bias=self.logit_bias)  # fmt: skip
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingSettings":
