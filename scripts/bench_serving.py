@@ -43,7 +43,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -184,8 +184,9 @@ def stream_once(client, model: str, prompt: str, max_tokens: int) -> dict:
     return {"start": t0, "times": times, "tokens": tokens if tokens is not None else pieces}
 
 
-def run_clients(url: str, model: str, prompts: List[str], clients: int, requests: int, max_tokens: int) -> dict:
-    """``clients`` threads, each sending ``requests`` streamed completions in turn."""
+def concurrently(url: str, clients: int, requests: int, one: Callable[[object, int, int], dict]):
+    """``clients`` threads started together, each with its own ``openai`` client, calling
+    ``one(client, k, r)`` for its ``requests`` requests in turn; returns ``(results, wall_s)``."""
     from openai import OpenAI
 
     results: List[dict] = []
@@ -196,7 +197,7 @@ def run_clients(url: str, model: str, prompts: List[str], clients: int, requests
         client = OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=3600)
         barrier.wait()
         for r in range(requests):
-            out = stream_once(client, model, prompts[(k * requests + r) % len(prompts)], max_tokens)
+            out = one(client, k, r)
             with lock:
                 results.append(out)
 
@@ -206,7 +207,16 @@ def run_clients(url: str, model: str, prompts: List[str], clients: int, requests
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def run_clients(url: str, model: str, prompts: List[str], clients: int, requests: int, max_tokens: int) -> dict:
+    """``clients`` threads, each sending ``requests`` streamed completions in turn."""
+
+    def one(client, k: int, r: int) -> dict:
+        return stream_once(client, model, prompts[(k * requests + r) % len(prompts)], max_tokens)
+
+    results, wall = concurrently(url, clients, requests, one)
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     tokens = sum(r["tokens"] for r in results)

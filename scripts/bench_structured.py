@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -34,7 +33,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_serving import Server  # noqa: E402
+from bench_serving import Server, concurrently  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -72,25 +71,10 @@ def one_request(client, model: str, mode: str, tokens: int, seed: int, eos_bias:
 
 
 def run(url: str, model: str, mode: str, clients: int, requests: int, tokens: int, eos_bias) -> dict:
-    from openai import OpenAI
+    def one(client, k: int, r: int) -> dict:
+        return one_request(client, model, mode, tokens, seed=100 * k + r, eos_bias=eos_bias)
 
-    results: List[dict] = []
-    lock = threading.Lock()
-
-    def work(k: int) -> None:
-        client = OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=3600)
-        for r in range(requests):
-            out = one_request(client, model, mode, tokens, seed=100 * k + r, eos_bias=eos_bias)
-            with lock:
-                results.append(out)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    results, wall = concurrently(url, clients, requests, one)
     if mode == "constrained":  # what the grammar let through parses as far as it got
         assert all(r["text"].startswith('{"values": [') for r in results), results[0]["text"][:80]
     total = sum(r["tokens"] for r in results)
