@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from .checkpoint.paths import REAL_MODEL_REPO, resolve_model_arg
 from .checkpoint.reader import load
+from .checkpoint.sharded import describe
 from .cli import (
     MODEL_HELP,
     ParallelRun,
@@ -144,8 +145,8 @@ def _generate(args, run: ParallelRun) -> int:
     text = format_prompt(tokenizer, prompt, args.system, chat_template=not args.no_chat_template)
     ids = encode_prompt(tokenizer, text)
     cache = open_cache(args, model)
-    if args.verbose:
-        print(f"model: {path}", file=sys.stderr)
+    if args.verbose and run.leader:
+        print(f"model: {path} ({describe(model.parallel)})", file=sys.stderr)
         print(f"prompt ({len(ids)} tokens):\n{text}", file=sys.stderr)
         print(f"cache: {cache.offset} tokens held, kv_bits={cache.kv_bits}", file=sys.stderr)
     think = ThinkFilter(inside=prompt_opens_think(text))

@@ -72,10 +72,6 @@ class ParallelLayout:
         """The decoder layers this rank runs (pipeline), None for tensor parallel."""
         return self.stages[self.rank] if self.stages is not None else None
 
-    @property
-    def is_last(self) -> bool:
-        return self.rank == self.size - 1
-
 
 # ------------------------------------------------------------------ tensor parallel
 @dataclass(frozen=True)
