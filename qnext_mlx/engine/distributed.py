@@ -71,8 +71,6 @@ def broadcast_object(obj: Any, group) -> Any:
     size = mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group)
     n = int(size.item())
     buf = mx.array(np.frombuffer(data, dtype=np.uint8)) if leader else mx.zeros((n,), dtype=mx.uint8)
-    if n == 0:
-        return pickle.loads(data) if leader else None
     out = mx.distributed.all_sum(buf, group=group)
     mx.eval(out)  # on rank 0 too: the collective runs only when evaluated
     return obj if leader else pickle.loads(np.array(out).tobytes())
